@@ -1,0 +1,73 @@
+//! Errors tollgate answers itself, and the one place that maps them to an HTTP status and a
+//! body in the caller's dialect (OpenAI `{"error":{...}}`, Anthropic
+//! `{"type":"error","error":{...}}`).
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::config::Dialect;
+use crate::provider::{self, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    MissingKey,
+    #[error("invalid API key")]
+    UnknownKey,
+    #[error("this API key is disabled")]
+    DisabledKey,
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body must include a string `model`")]
+    MissingModel,
+    #[error("request body is larger than the {limit}-byte limit")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("no upstream serves model `{model}` on this endpoint")]
+    NoRoute { model: String },
+    #[error("no upstream is configured for {dialect} requests")]
+    NoDefaultUpstream { dialect: &'static str },
+    #[error("upstream `{upstream}` is unreachable: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("upstream `{upstream}` did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { upstream: String, timeout_ms: u128 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// Status and dialect error kind; exhaustive so a new variant cannot go unmapped.
+    pub fn classify(&self) -> (StatusCode, ErrorKind) {
+        match self {
+            GatewayError::MissingKey | GatewayError::UnknownKey | GatewayError::DisabledKey => {
+                (StatusCode::UNAUTHORIZED, ErrorKind::Authentication)
+            }
+            GatewayError::MalformedJson(_)
+            | GatewayError::MissingModel
+            | GatewayError::BodyRead(_) => (StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest),
+            GatewayError::BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::RequestTooLarge)
+            }
+            GatewayError::NoRoute { .. } | GatewayError::NoDefaultUpstream { .. } => {
+                (StatusCode::NOT_FOUND, ErrorKind::NotFound)
+            }
+            GatewayError::UpstreamUnreachable { .. } => {
+                (StatusCode::BAD_GATEWAY, ErrorKind::Upstream)
+            }
+            GatewayError::UpstreamTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, ErrorKind::Timeout)
+            }
+            GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Internal),
+        }
+    }
+
+    /// Status and JSON body in the caller's dialect.
+    pub fn render(&self, dialect: Dialect) -> (StatusCode, Bytes) {
+        let (status, kind) = self.classify();
+        (
+            status,
+            provider::error_body(dialect, kind, &self.to_string()),
+        )
+    }
+}

@@ -1,0 +1,229 @@
+//! The usage ledger: the [`UsageRecord`] every metered request produces, and the writer that
+//! takes records off the request path through a bounded channel and appends them to the
+//! journal on its own thread, so file I/O never runs on a runtime worker.
+//!
+//! The journal behind the [`Journal`] seam is a JSON-lines file today; the durable segment
+//! journal with checksums, recovery and sinks replaces it without touching the request path.
+
+pub mod journal;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::provider::{Endpoint, TokenUsage};
+
+pub use journal::{Journal, JsonLinesJournal};
+
+/// Records written per journal append at most; bounds the latency of a sync barrier.
+const MAX_BATCH: usize = 1024;
+/// Pause before retrying a failed journal write. Records are never dropped.
+const WRITE_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// How a metered request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered and the whole response reached the client.
+    Completed,
+    /// The upstream answered with an error status.
+    UpstreamError,
+    /// The upstream could not be reached.
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The response body broke off, or the stream reported an error event.
+    StreamError,
+    /// The client went away before the response was complete.
+    ClientDisconnected,
+}
+
+/// Caller-supplied breakdown dimensions, taken from request headers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dimensions {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub feature: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workflow: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub end_user: Option<String>,
+}
+
+/// One metered request. Never carries a client key or provider credential.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// UUIDv7: unique, and ordered by creation time.
+    pub id: Uuid,
+    /// When the request arrived.
+    pub timestamp: DateTime<Utc>,
+    /// The configured name of the client key (`keys[].id`).
+    pub key_id: Arc<str>,
+    pub account: Arc<str>,
+    pub model: Option<String>,
+    pub upstream: Arc<str>,
+    pub endpoint: Endpoint,
+    pub streamed: bool,
+    /// HTTP status the upstream answered with, or the one tollgate answered for it
+    /// (502, 504) when it could not.
+    pub status: u16,
+    pub outcome: Outcome,
+    #[serde(flatten)]
+    pub usage: TokenUsage,
+    /// Some token figure was counted by tollgate's tokenizer, not reported by the provider.
+    pub estimated: bool,
+    /// Time from sending the request upstream to its response headers, microseconds.
+    pub upstream_ttfb_us: Option<u64>,
+    /// Time from sending the request upstream to the end of its response, microseconds.
+    pub upstream_total_us: u64,
+    #[serde(flatten)]
+    pub dimensions: Dimensions,
+}
+
+enum Message {
+    Record(Box<UsageRecord>),
+    Sync(oneshot::Sender<()>),
+}
+
+/// The request path's handle on the journal writer.
+pub struct Ledger {
+    tx: mpsc::Sender<Message>,
+    submitted: AtomicU64,
+    written: Arc<AtomicU64>,
+}
+
+impl Ledger {
+    /// Starts the writer thread over `journal`.
+    pub fn start(
+        journal: Box<dyn Journal>,
+        channel_capacity: usize,
+    ) -> std::io::Result<Arc<Ledger>> {
+        let (tx, rx) = mpsc::channel(channel_capacity.max(1));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer_written = written.clone();
+        std::thread::Builder::new()
+            .name("tollgate-journal".into())
+            .spawn(move || write_loop(journal, rx, &writer_written))?;
+        Ok(Arc::new(Ledger {
+            tx,
+            submitted: AtomicU64::new(0),
+            written,
+        }))
+    }
+
+    /// Hands a record to the writer. Never blocks: when the channel is full the record waits
+    /// in a task for room (back-pressure is counted, records are never dropped).
+    pub fn submit(&self, record: UsageRecord) {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            if tx.send(msg).await.is_err() {
+                                tracing::error!("usage record submitted after the journal closed");
+                            }
+                        });
+                    }
+                    Err(_) => {
+                        if tx.blocking_send(msg).is_err() {
+                            tracing::error!("usage record submitted after the journal closed");
+                        }
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("usage record submitted after the journal closed");
+            }
+        }
+    }
+
+    /// Records handed to the writer so far.
+    pub fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::Relaxed)
+    }
+
+    /// Records appended to the journal so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Returns once every record submitted before the call is written and synced to disk.
+    pub async fn sync(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Sync(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Waits until at least `n` records were submitted and all of them are written, or
+    /// `timeout` passes; returns whether they were. For tests and shutdown.
+    pub async fn wait_written(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.submitted() >= n {
+                self.sync().await;
+                if self.written() >= n {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Flushes and fsyncs everything submitted so far; used at shutdown.
+    pub async fn close(&self) {
+        self.sync().await;
+    }
+}
+
+fn write_loop(mut journal: Box<dyn Journal>, mut rx: mpsc::Receiver<Message>, written: &AtomicU64) {
+    let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Message::Record(r) => batch.push(*r),
+                Message::Sync(w) => waiters.push(w),
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !batch.is_empty() {
+            loop {
+                match journal.append(&batch).and_then(|()| journal.flush()) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, records = batch.len(), "journal write failed; retrying");
+                        std::thread::sleep(WRITE_RETRY_DELAY);
+                    }
+                }
+            }
+            written.fetch_add(batch.len() as u64, Ordering::Release);
+            batch.clear();
+        }
+        if !waiters.is_empty() {
+            if let Err(e) = journal.sync() {
+                tracing::error!(error = %e, "journal sync failed");
+            }
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+    if let Err(e) = journal.flush() {
+        tracing::error!(error = %e, "final journal flush failed");
+    }
+}

@@ -1,0 +1,117 @@
+//! tollgate: a metering gateway for LLM traffic.
+//!
+//! [`GatewayBuilder`] starts the whole gateway in-process (tests bind port 0):
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = tollgate::config::Config::load("config/tollgate.toml".as_ref(), &tollgate::config::ProcessEnv)?;
+//! let gateway = tollgate::GatewayBuilder::new(config).start().await?;
+//! println!("listening on {}", gateway.addr());
+//! gateway.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+pub mod error;
+pub mod ledger;
+pub mod meter;
+pub mod mock;
+pub mod provider;
+pub mod proxy;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use config::Config;
+use ledger::{JsonLinesJournal, Ledger};
+use proxy::Gateway;
+use proxy::snapshot::Snapshot;
+
+/// Builds a gateway from a validated config.
+pub struct GatewayBuilder {
+    config: Config,
+    listen: Option<SocketAddr>,
+}
+
+impl GatewayBuilder {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            listen: None,
+        }
+    }
+
+    /// Overrides `server.listen` (tests pass `127.0.0.1:0`).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Opens the journal, binds the listener and starts serving.
+    pub async fn start(self) -> anyhow::Result<RunningGateway> {
+        let journal = JsonLinesJournal::open(&self.config.journal.path).map_err(|e| {
+            anyhow::anyhow!("journal.path `{}`: {e}", self.config.journal.path.display())
+        })?;
+        let ledger = Ledger::start(Box::new(journal), self.config.journal.channel_capacity)?;
+        let listen = self.listen.unwrap_or(self.config.server.listen);
+        let grace = self.config.server.shutdown_grace;
+        let snapshot = Snapshot::build(self.config)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        let addr = server::local_addr(&listener)?;
+        let gateway = Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            ledger: ledger.clone(),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let data_plane = server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx);
+        // Build the tokenizer ahead of the first fallback.
+        tokio::task::spawn_blocking(meter::tokenizer::warm_up);
+        Ok(RunningGateway {
+            addr,
+            gateway,
+            stop: stop_tx,
+            data_plane,
+        })
+    }
+}
+
+/// A started gateway.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    data_plane: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// The data-plane address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.gateway.ledger
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, waits for in-flight requests (bounded by the grace period), and syncs
+    /// the journal.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.data_plane.await {
+            tracing::error!(error = %e, "data plane task failed");
+        }
+        self.gateway.ledger.close().await;
+    }
+}

@@ -1,0 +1,172 @@
+//! The `tollgate` command: parse the CLI, build, run.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate::config::{Config, EMBEDDED_CONFIG, ProcessEnv};
+
+/// A metering gateway for LLM traffic: proxies OpenAI-compatible and Anthropic APIs, meters
+/// every call in-line and journals a usage record per request.
+#[derive(Parser)]
+#[command(name = "tollgate", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (TOML). Without it, the example config compiled into the binary is
+        /// used (the one in `config/tollgate.toml`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Runtime worker threads (default: one per CPU).
+        #[arg(long)]
+        worker_threads: Option<usize>,
+    },
+    /// Validate a config file and print every problem with the path of its field.
+    /// Exits 0 when valid, 1 when not.
+    CheckConfig {
+        /// Config file (TOML).
+        file: PathBuf,
+    },
+    /// Print the SHA-256 of a client key, as `keys[].sha256` stores it. Reads the key from
+    /// standard input when not given (keeps it out of shell history).
+    HashKey { key: Option<String> },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            log_format,
+            worker_threads,
+        } => serve(config, listen, log_format, worker_threads),
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::HashKey { key } => hash_key(key),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> std::process::ExitCode {
+    match Config::load(file, &ProcessEnv) {
+        Ok(c) => {
+            println!(
+                "{}: valid ({} upstreams, {} routes, {} keys)",
+                file.display(),
+                c.upstreams.len(),
+                c.routes.len(),
+                c.keys.len()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key(key: Option<String>) -> anyhow::Result<()> {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    anyhow::ensure!(!key.is_empty(), "the key is empty");
+    println!("{}", hex::encode(tollgate::config::hash_key(&key)));
+    Ok(())
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    log_format: LogFormat,
+    worker_threads: Option<usize>,
+) -> anyhow::Result<()> {
+    init_logging(log_format);
+    let config = match &config {
+        Some(path) => Config::load(path, &ProcessEnv)?,
+        None => Config::parse(EMBEDDED_CONFIG, &ProcessEnv)
+            .context("the embedded example config (set the environment variables it names)")?,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build()?;
+    runtime.block_on(async move {
+        let mut builder = tollgate::GatewayBuilder::new(config);
+        if let Some(addr) = listen {
+            builder = builder.listen(addr);
+        }
+        let gateway = builder.start().await?;
+        tracing::info!(addr = %gateway.addr(), "tollgate listening");
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        gateway.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

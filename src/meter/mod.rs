@@ -1,0 +1,537 @@
+//! In-line metering of a response as it streams to the client.
+//!
+//! A [`Meter`] is created when a request reaches the metering stage (key known, route
+//! resolved) and is finished exactly once: when the response body ends, when it breaks, when
+//! the upstream could not be reached, or — through `Drop` — when the client goes away. That
+//! one completion path builds the [`UsageRecord`] and submits it to the ledger, so no path can
+//! skip metering or meter twice.
+//!
+//! Per chunk the work is small and synchronous: non-streaming bodies are kept (by reference
+//! count when they arrive in one frame) to read `usage` at the end; streams run through the
+//! incremental SSE parser, which only parses the JSON of events that can carry usage. When
+//! usage is missing, the tokenizer fallback runs on a blocking task after the response.
+
+pub mod sse;
+pub mod tokenizer;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::config::Dialect;
+use crate::ledger::{Dimensions, Ledger, Outcome, UsageRecord};
+use crate::provider::{self, Endpoint, ErrorKind, StreamUsage, TokenUsage, anthropic, openai};
+use sse::{SseBlock, SseParser};
+
+/// Stream bytes kept for the tokenizer fallback, at most; beyond it the rest of the output is
+/// estimated at four bytes a token.
+const MAX_RETAINED_STREAM_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes per token assumed for output beyond the retained part.
+const BYTES_PER_TOKEN_ESTIMATE: u64 = 4;
+
+/// What the meter knows about the request before it is forwarded.
+pub struct MeterStart {
+    pub ledger: Arc<Ledger>,
+    pub record_id: uuid::Uuid,
+    pub timestamp: chrono::DateTime<chrono::Utc>,
+    pub key_id: Arc<str>,
+    pub account: Arc<str>,
+    pub upstream: Arc<str>,
+    pub model: Option<String>,
+    pub endpoint: Endpoint,
+    pub dialect: Dialect,
+    pub streamed: bool,
+    pub dimensions: Dimensions,
+    /// The body as the client sent it, for the prompt fallback (a reference-counted handle).
+    pub request_body: Bytes,
+    pub max_metered_response_bytes: usize,
+    /// tollgate asked the stream for usage the client did not ask for: hide that chunk.
+    pub hide_usage_chunk: bool,
+}
+
+enum Mode {
+    /// Forwarding not started or nothing to read (errors, other endpoints).
+    Opaque,
+    /// A non-streaming JSON body: kept whole to read `usage` at the end.
+    Json {
+        first: Option<Bytes>,
+        rest: Option<BytesMut>,
+        overflow: bool,
+    },
+    /// An event stream.
+    Sse {
+        parser: SseParser,
+        /// Drop the usage-only chunk tollgate asked for on the client's behalf.
+        hide_usage_chunk: bool,
+        retained: Vec<Bytes>,
+        retained_bytes: usize,
+        unretained_bytes: u64,
+    },
+}
+
+/// Per-request metering state; see the module docs.
+pub struct Meter {
+    start: Option<MeterStart>,
+    mode: Mode,
+    sent_at: Instant,
+    ttfb_us: Option<u64>,
+    status: u16,
+    usage: StreamUsage,
+    stream_error: bool,
+}
+
+impl Meter {
+    /// Starts timing; call right before the request is sent upstream.
+    pub fn new(start: MeterStart) -> Meter {
+        Meter {
+            start: Some(start),
+            mode: Mode::Opaque,
+            sent_at: Instant::now(),
+            ttfb_us: None,
+            status: 0,
+            usage: StreamUsage::default(),
+            stream_error: false,
+        }
+    }
+
+    pub fn record_id(&self) -> Option<uuid::Uuid> {
+        self.start.as_ref().map(|s| s.record_id)
+    }
+
+    /// The upstream's response headers arrived. Returns whether the body is metered as an
+    /// event stream, whose length tollgate may change (so the caller drops `content-length`).
+    pub fn on_response_head(&mut self, status: http::StatusCode, is_event_stream: bool) -> bool {
+        self.ttfb_us = Some(elapsed_us(self.sent_at));
+        self.status = status.as_u16();
+        let Some(start) = &self.start else {
+            return false;
+        };
+        if !status.is_success() || start.endpoint == Endpoint::Other {
+            return false;
+        }
+        if is_event_stream {
+            let hide = start.hide_usage_chunk;
+            self.mode = Mode::Sse {
+                parser: SseParser::new(hide),
+                hide_usage_chunk: hide,
+                retained: Vec::new(),
+                retained_bytes: 0,
+                unretained_bytes: 0,
+            };
+            true
+        } else {
+            self.mode = Mode::Json {
+                first: None,
+                rest: None,
+                overflow: false,
+            };
+            false
+        }
+    }
+
+    /// Meters one body chunk and returns what to send to the client (the chunk itself, or
+    /// the chunk without the hidden usage event; possibly empty).
+    pub fn on_data(&mut self, data: Bytes) -> Bytes {
+        let Some(start) = &self.start else {
+            return data;
+        };
+        match &mut self.mode {
+            Mode::Opaque => data,
+            Mode::Json {
+                first,
+                rest,
+                overflow,
+            } => {
+                if *overflow {
+                    return data;
+                }
+                match (first.as_ref(), rest.as_mut()) {
+                    (None, _) => *first = Some(data.clone()),
+                    (Some(f), None) => {
+                        let mut buf = BytesMut::with_capacity(f.len() + data.len());
+                        buf.extend_from_slice(f);
+                        buf.extend_from_slice(&data);
+                        *rest = Some(buf);
+                    }
+                    (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+                }
+                let held = rest
+                    .as_ref()
+                    .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
+                if held > start.max_metered_response_bytes {
+                    *overflow = true;
+                    *first = None;
+                    *rest = None;
+                }
+                data
+            }
+            Mode::Sse {
+                parser,
+                hide_usage_chunk,
+                retained,
+                retained_bytes,
+                unretained_bytes,
+            } => {
+                let usage = &mut self.usage;
+                let stream_error = &mut self.stream_error;
+                let (endpoint, dialect) = (start.endpoint, start.dialect);
+                let out = if *hide_usage_chunk {
+                    let mut kept = BytesMut::with_capacity(data.len());
+                    parser.feed(&data, |block| {
+                        let facts = observe(endpoint, dialect, &block, usage);
+                        *stream_error |= facts.error;
+                        if !facts.usage_only {
+                            kept.extend_from_slice(block.raw);
+                        }
+                    });
+                    kept.freeze()
+                } else {
+                    parser.feed(&data, |block| {
+                        let facts = observe(endpoint, dialect, &block, usage);
+                        *stream_error |= facts.error;
+                    });
+                    data.clone()
+                };
+                if *retained_bytes + data.len() <= MAX_RETAINED_STREAM_BYTES {
+                    *retained_bytes += data.len();
+                    retained.push(data);
+                } else {
+                    *unretained_bytes += data.len() as u64;
+                }
+                out
+            }
+        }
+    }
+
+    /// The upstream body ended normally. Returns bytes still to send (a hidden-usage stream's
+    /// unterminated tail, forwarded as received).
+    pub fn on_end(&mut self) -> Option<Bytes> {
+        let tail = match &mut self.mode {
+            Mode::Sse {
+                parser,
+                hide_usage_chunk: true,
+                ..
+            } => {
+                let raw = parser.take_unfinished_raw();
+                (!raw.is_empty()).then(|| Bytes::from(raw))
+            }
+            _ => None,
+        };
+        let outcome = if self.stream_error {
+            Outcome::StreamError
+        } else if (200..300).contains(&self.status) {
+            Outcome::Completed
+        } else {
+            Outcome::UpstreamError
+        };
+        self.finish(outcome);
+        tail
+    }
+
+    /// The upstream body broke. Returns a final error event for event streams (so clients see
+    /// a clean, dialect-shaped error instead of a truncated stream), or `None` to propagate
+    /// the break.
+    pub fn on_body_error(&mut self, error: &dyn std::fmt::Display) -> Option<Bytes> {
+        let event = match (&self.mode, &self.start) {
+            (Mode::Sse { .. }, Some(start)) => {
+                let message = format!("upstream stream broke off: {error}");
+                Some(match start.dialect {
+                    Dialect::OpenAi => openai::error_event(ErrorKind::Upstream, &message),
+                    Dialect::Anthropic => anthropic::error_event(ErrorKind::Upstream, &message),
+                })
+            }
+            _ => None,
+        };
+        self.finish(Outcome::StreamError);
+        event
+    }
+
+    /// The upstream never answered; tollgate answers `status` for it.
+    pub fn on_no_response(&mut self, status: http::StatusCode, outcome: Outcome) {
+        self.status = status.as_u16();
+        self.finish(outcome);
+    }
+
+    /// Builds and submits the record. Runs once; later calls do nothing.
+    fn finish(&mut self, outcome: Outcome) {
+        let Some(start) = self.start.take() else {
+            return;
+        };
+        let total_us = elapsed_us(self.sent_at);
+        let mode = std::mem::replace(&mut self.mode, Mode::Opaque);
+        let mut record = UsageRecord {
+            id: start.record_id,
+            timestamp: start.timestamp,
+            key_id: start.key_id,
+            account: start.account,
+            model: start.model,
+            upstream: start.upstream,
+            endpoint: start.endpoint,
+            streamed: start.streamed,
+            status: self.status,
+            outcome,
+            usage: TokenUsage::default(),
+            estimated: false,
+            upstream_ttfb_us: self.ttfb_us,
+            upstream_total_us: total_us,
+            dimensions: start.dimensions,
+        };
+        let ledger = start.ledger;
+        let (endpoint, dialect) = (start.endpoint, start.dialect);
+        let fallback = match mode {
+            Mode::Opaque => None,
+            Mode::Json {
+                first,
+                rest,
+                overflow,
+            } => {
+                let body = rest.map(BytesMut::freeze).or(first);
+                let exact = body.as_deref().and_then(|b| match dialect {
+                    Dialect::OpenAi => openai::usage_from_body(b),
+                    Dialect::Anthropic => anthropic::usage_from_body(b),
+                });
+                match exact {
+                    Some(u) => {
+                        record.usage = u;
+                        None
+                    }
+                    None => Some(Fallback {
+                        request_body: start.request_body,
+                        output: OutputSource::Body(body.filter(|_| !overflow)),
+                        known: StreamUsage::default(),
+                    }),
+                }
+            }
+            Mode::Sse {
+                retained,
+                unretained_bytes,
+                ..
+            } => {
+                if self.usage.input_known && self.usage.output_known {
+                    record.usage = self.usage.usage;
+                    None
+                } else {
+                    Some(Fallback {
+                        request_body: start.request_body,
+                        output: OutputSource::Stream {
+                            frames: retained,
+                            unretained_bytes,
+                        },
+                        known: self.usage,
+                    })
+                }
+            }
+        };
+        match fallback {
+            None => ledger.submit(record),
+            Some(fallback) => {
+                record.estimated = true;
+                let run = move || {
+                    record.usage = fallback.estimate(endpoint, dialect, record.model.as_deref());
+                    ledger.submit(record);
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn_blocking(run);
+                    }
+                    Err(_) => run(),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.start.is_some() {
+            self.finish(Outcome::ClientDisconnected);
+        }
+    }
+}
+
+fn elapsed_us(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn observe(
+    endpoint: Endpoint,
+    dialect: Dialect,
+    block: &SseBlock<'_>,
+    usage: &mut StreamUsage,
+) -> provider::EventFacts {
+    let Some(data) = block.data else {
+        return provider::EventFacts::default();
+    };
+    match dialect {
+        Dialect::OpenAi => openai::observe_event(endpoint, block.event, data, usage),
+        Dialect::Anthropic => anthropic::observe_event(block.event, data, usage),
+    }
+}
+
+enum OutputSource {
+    Body(Option<Bytes>),
+    Stream {
+        frames: Vec<Bytes>,
+        unretained_bytes: u64,
+    },
+}
+
+/// Inputs of the tokenizer fallback, moved to a blocking task.
+struct Fallback {
+    request_body: Bytes,
+    output: OutputSource,
+    /// What the provider did report (an Anthropic stream may give input but not output).
+    known: StreamUsage,
+}
+
+impl Fallback {
+    fn estimate(self, endpoint: Endpoint, dialect: Dialect, model: Option<&str>) -> TokenUsage {
+        let model = model.unwrap_or("");
+        let mut usage = self.known.usage;
+        if !self.known.input_known {
+            usage.input_tokens = estimate_prompt(endpoint, dialect, model, &self.request_body);
+            usage.cached_input_tokens = 0;
+            usage.cache_creation_input_tokens = 0;
+        }
+        if !self.known.output_known {
+            let mut text = String::new();
+            let mut extra = 0;
+            match self.output {
+                OutputSource::Body(Some(body)) => {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        match dialect {
+                            Dialect::OpenAi => openai::response_text(endpoint, &v, &mut text),
+                            Dialect::Anthropic => anthropic::response_text(&v, &mut text),
+                        }
+                    }
+                }
+                OutputSource::Body(None) => {}
+                OutputSource::Stream {
+                    frames,
+                    unretained_bytes,
+                } => {
+                    let mut parser = SseParser::new(false);
+                    for frame in &frames {
+                        parser.feed(frame, |block| {
+                            if let Some(data) = block.data {
+                                match dialect {
+                                    Dialect::OpenAi => openai::delivered_text(
+                                        endpoint,
+                                        block.event,
+                                        data,
+                                        &mut text,
+                                    ),
+                                    Dialect::Anthropic => {
+                                        anthropic::delivered_text(block.event, data, &mut text)
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    extra = unretained_bytes / BYTES_PER_TOKEN_ESTIMATE;
+                }
+            }
+            usage.output_tokens = tokenizer::count(model, &text) + extra;
+            usage.reasoning_tokens = 0;
+        }
+        usage
+    }
+}
+
+/// Prompt tokens of a request by the tokenizer: the text of its messages plus OpenAI's
+/// per-message framing allowance (chat-shaped requests only).
+pub fn estimate_prompt(endpoint: Endpoint, dialect: Dialect, model: &str, body: &[u8]) -> u64 {
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return 0;
+    };
+    let mut text = String::new();
+    let messages = match dialect {
+        Dialect::OpenAi => openai::prompt_text(&request, &mut text),
+        Dialect::Anthropic => anthropic::prompt_text(&request, &mut text),
+    };
+    let framing = match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses if messages > 0 => {
+            messages * tokenizer::TOKENS_PER_MESSAGE + tokenizer::TOKENS_PER_REPLY
+        }
+        _ => 0,
+    };
+    tokenizer::count(model, &text) + framing
+}
+
+/// The client-facing response body: the upstream body run through a [`Meter`].
+pub struct MeteredBody<B> {
+    inner: B,
+    meter: Meter,
+    /// A last frame to send before ending (error event, unterminated tail).
+    trailer: Option<Bytes>,
+    ended: bool,
+}
+
+impl<B> MeteredBody<B> {
+    pub fn new(inner: B, meter: Meter) -> Self {
+        Self {
+            inner,
+            meter,
+            trailer: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.meter.on_data(data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Some(Err(e)) => {
+                    this.ended = true;
+                    match this.meter.on_body_error(&e) {
+                        Some(event) => this.trailer = Some(event),
+                        None => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+                None => {
+                    this.ended = true;
+                    this.trailer = this.meter.on_end();
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.trailer.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.meter.mode {
+            Mode::Sse { .. } => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The OpenAI dialect: Chat Completions, legacy Completions, Embeddings and the Responses API.
+//!
+//! Usage lives in `usage` (`prompt_tokens`/`completion_tokens` with `*_details`, or the
+//! Responses API's `input_tokens`/`output_tokens`). Chat and Completions streams only carry it
+//! when the request asks (`stream_options.include_usage`), in a final chunk with `choices: []`;
+//! tollgate asks on the client's behalf and hides that chunk again when the client did not.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::{Endpoint, ErrorKind, EventFacts, StreamUsage, TokenUsage, append_text, collect_text};
+
+#[derive(Deserialize, Default)]
+struct WireUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    prompt_tokens_details: Option<WireDetails>,
+    completion_tokens_details: Option<WireDetails>,
+    input_tokens_details: Option<WireDetails>,
+    output_tokens_details: Option<WireDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireDetails {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    fn normalise(&self) -> TokenUsage {
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .or(self.input_tokens_details.as_ref())
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        let reasoning = self
+            .completion_tokens_details
+            .as_ref()
+            .or(self.output_tokens_details.as_ref())
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0);
+        TokenUsage {
+            input_tokens: self.prompt_tokens.or(self.input_tokens).unwrap_or(0),
+            output_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+            cached_input_tokens: cached,
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: reasoning,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkWithUsage {
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+struct ResponseEvent {
+    response: Option<WithUsage>,
+}
+
+#[derive(Deserialize)]
+struct MaybeError {
+    error: Option<IgnoredAny>,
+}
+
+/// Usage from a complete non-streaming response body.
+pub fn usage_from_body(body: &[u8]) -> Option<TokenUsage> {
+    let parsed: WithUsage = serde_json::from_slice(body).ok()?;
+    parsed.usage.map(|u| u.normalise())
+}
+
+/// Feeds one stream event to the usage state; cheap for the common chunk without usage.
+pub fn observe_event(
+    endpoint: Endpoint,
+    event: &str,
+    data: &[u8],
+    state: &mut StreamUsage,
+) -> EventFacts {
+    let mut facts = EventFacts::default();
+    match endpoint {
+        Endpoint::Responses => {
+            let kind = if event.is_empty() {
+                response_event_type(data)
+            } else {
+                event
+            };
+            match kind {
+                "response.completed" | "response.incomplete" | "response.failed" => {
+                    if let Ok(ResponseEvent {
+                        response: Some(WithUsage { usage: Some(u) }),
+                    }) = serde_json::from_slice(data)
+                    {
+                        set_all(state, u.normalise());
+                    }
+                }
+                "error" => facts.error = true,
+                _ => {}
+            }
+        }
+        _ => {
+            if data == b"[DONE]" {
+                return facts;
+            }
+            if has_object_member(data, b"\"usage\"")
+                && let Ok(chunk) = serde_json::from_slice::<ChunkWithUsage>(data)
+                && let Some(u) = chunk.usage
+            {
+                set_all(state, u.normalise());
+                facts.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
+            }
+            if memchr::memmem::find(data, b"\"error\"").is_some()
+                && let Ok(MaybeError { error: Some(_) }) = serde_json::from_slice(data)
+            {
+                facts.error = true;
+            }
+        }
+    }
+    facts
+}
+
+fn set_all(state: &mut StreamUsage, usage: TokenUsage) {
+    state.usage = usage;
+    state.input_known = true;
+    state.output_known = true;
+}
+
+/// True when `key` appears followed by `:` and an object (`{`), i.e. a non-null member.
+fn has_object_member(data: &[u8], key: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&data[from..], key) {
+        let rest = &data[from + i + key.len()..];
+        let mut it = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        if it.next() == Some(&b':') && it.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return true;
+        }
+        from += i + key.len();
+    }
+    false
+}
+
+fn response_event_type(data: &[u8]) -> &'static str {
+    for kind in [
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+    ] {
+        if memchr::memmem::find(data, kind.as_bytes()).is_some() {
+            return kind;
+        }
+    }
+    ""
+}
+
+/// Generated text carried by one stream event, for the tokenizer fallback.
+pub fn delivered_text(endpoint: Endpoint, event: &str, data: &[u8], out: &mut String) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    match endpoint {
+        Endpoint::Responses => {
+            let kind = if event.is_empty() {
+                v.get("type").and_then(|t| t.as_str()).unwrap_or("")
+            } else {
+                event
+            };
+            if kind.ends_with(".delta")
+                && let Some(d) = v.get("delta")
+            {
+                append_text(d, out);
+            }
+        }
+        _ => {
+            for choice in v
+                .get("choices")
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(t) = choice.get("text") {
+                    append_text(t, out);
+                }
+                if let Some(delta) = choice.get("delta") {
+                    for key in ["content", "refusal", "reasoning_content"] {
+                        if let Some(t) = delta.get(key) {
+                            append_text(t, out);
+                        }
+                    }
+                    for call in delta
+                        .get("tool_calls")
+                        .and_then(|c| c.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(f) = call.get("function") {
+                            for key in ["name", "arguments"] {
+                                if let Some(t) = f.get(key) {
+                                    append_text(t, out);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Generated text of a complete non-streaming response, for the tokenizer fallback.
+pub fn response_text(endpoint: Endpoint, body: &serde_json::Value, out: &mut String) {
+    match endpoint {
+        Endpoint::Responses => {
+            if let Some(output) = body.get("output") {
+                collect_text(output, out);
+            }
+        }
+        Endpoint::Embeddings => {}
+        _ => {
+            for choice in body
+                .get("choices")
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(t) = choice.get("text") {
+                    collect_text(t, out);
+                }
+                if let Some(m) = choice.get("message") {
+                    for key in ["content", "refusal"] {
+                        if let Some(t) = m.get(key) {
+                            collect_text(t, out);
+                        }
+                    }
+                    if let Some(calls) = m.get("tool_calls") {
+                        collect_text(calls, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prompt text of a request, and how many messages it holds (each costs a few framing tokens).
+pub fn prompt_text(request: &serde_json::Value, out: &mut String) -> u64 {
+    let mut messages = 0;
+    for key in ["messages", "prompt", "input", "instructions"] {
+        if let Some(v) = request.get(key) {
+            if let Some(list) = v.as_array().filter(|_| key != "prompt") {
+                messages += list.len() as u64;
+            }
+            collect_text(v, out);
+        }
+    }
+    messages
+}
+
+/// Whether tollgate must ask this stream for usage: Chat and Completions streams carry usage
+/// only on request.
+pub fn needs_usage_request(endpoint: Endpoint) -> bool {
+    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+}
+
+/// Returns the request body with `stream_options.include_usage = true`. The common case (no
+/// `stream_options` member) is a byte splice after the opening brace, not a re-serialisation.
+pub fn with_include_usage(body: &Bytes, has_stream_options: bool) -> Option<Bytes> {
+    if !has_stream_options {
+        let open = body.iter().position(|b| *b == b'{')?;
+        let rest = &body[open + 1..];
+        let empty = rest
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'}');
+        let member: &[u8] = if empty {
+            br#""stream_options":{"include_usage":true}"#
+        } else {
+            br#""stream_options":{"include_usage":true},"#
+        };
+        let mut out = Vec::with_capacity(body.len() + member.len());
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(member);
+        out.extend_from_slice(rest);
+        return Some(Bytes::from(out));
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = v.as_object_mut()?;
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    if !opts.is_object() {
+        *opts = serde_json::json!({});
+    }
+    opts.as_object_mut()?
+        .insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+fn kind_strings(kind: ErrorKind) -> (&'static str, Option<&'static str>) {
+    match kind {
+        ErrorKind::InvalidRequest => ("invalid_request_error", None),
+        ErrorKind::Authentication => ("invalid_request_error", Some("invalid_api_key")),
+        ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
+        ErrorKind::RequestTooLarge => ("invalid_request_error", Some("request_too_large")),
+        ErrorKind::Upstream => ("server_error", Some("upstream_unavailable")),
+        ErrorKind::Timeout => ("server_error", Some("upstream_timeout")),
+        ErrorKind::Internal => ("server_error", None),
+    }
+}
+
+/// `{"error":{"message","type","param","code"}}`.
+pub fn error_body(kind: ErrorKind, message: &str) -> Bytes {
+    let (kind, code) = kind_strings(kind);
+    let v = serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": code}
+    });
+    Bytes::from(v.to_string())
+}
+
+/// A final stream event reporting an error, as OpenAI sends it inside an SSE stream.
+pub fn error_event(kind: ErrorKind, message: &str) -> Bytes {
+    let body = error_body(kind, message);
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&body);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_usage_with_details() {
+        let u = usage_from_body(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":8}}}"#).unwrap();
+        assert_eq!(
+            u,
+            TokenUsage {
+                input_tokens: 10,
+                output_tokens: 20,
+                cached_input_tokens: 4,
+                cache_creation_input_tokens: 0,
+                reasoning_tokens: 8
+            }
+        );
+        let e = usage_from_body(br#"{"usage":{"prompt_tokens":3,"total_tokens":3}}"#).unwrap();
+        assert_eq!((e.input_tokens, e.output_tokens), (3, 0));
+        assert_eq!(usage_from_body(br#"{"choices":[]}"#), None);
+    }
+
+    #[test]
+    fn responses_usage() {
+        let u = usage_from_body(br#"{"object":"response","usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":2},"output_tokens":9,"output_tokens_details":{"reasoning_tokens":3},"total_tokens":14}}"#).unwrap();
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.output_tokens,
+                u.reasoning_tokens
+            ),
+            (5, 2, 9, 3)
+        );
+        let mut s = StreamUsage::default();
+        observe_event(
+            Endpoint::Responses,
+            "response.completed",
+            br#"{"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":9}}}"#,
+            &mut s,
+        );
+        assert!(s.input_known && s.output_known);
+        assert_eq!(s.usage.output_tokens, 9);
+    }
+
+    #[test]
+    fn stream_chunks_usage_only_and_null_usage() {
+        let mut s = StreamUsage::default();
+        let f = observe_event(
+            Endpoint::ChatCompletions,
+            "",
+            br#"{"choices":[{"delta":{"content":"\"usage\": {"}}],"usage":null}"#,
+            &mut s,
+        );
+        assert_eq!(f, EventFacts::default());
+        assert!(!s.output_known);
+        let f = observe_event(
+            Endpoint::ChatCompletions,
+            "",
+            br#"{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            &mut s,
+        );
+        assert!(f.usage_only);
+        assert_eq!(s.usage.output_tokens, 2);
+        let f = observe_event(
+            Endpoint::ChatCompletions,
+            "",
+            br#"{"error":{"message":"boom"}}"#,
+            &mut s,
+        );
+        assert!(f.error);
+    }
+
+    #[test]
+    fn include_usage_is_spliced_or_rewritten() {
+        let b = Bytes::from_static(br#" {"model":"m","stream":true}"#);
+        let out = with_include_usage(&b, false).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        let b = Bytes::from_static(br#"{"model":"m","stream_options":{"include_usage":false}}"#);
+        let v: serde_json::Value =
+            serde_json::from_slice(&with_include_usage(&b, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let b = Bytes::from_static(b"{ }");
+        let v: serde_json::Value =
+            serde_json::from_slice(&with_include_usage(&b, false).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn delivered_text_from_chunks() {
+        let mut out = String::new();
+        delivered_text(
+            Endpoint::ChatCompletions,
+            "",
+            br#"{"choices":[{"delta":{"content":"hello"}}]}"#,
+            &mut out,
+        );
+        delivered_text(
+            Endpoint::Responses,
+            "response.output_text.delta",
+            br#"{"delta":"world"}"#,
+            &mut out,
+        );
+        assert_eq!(out, "helloworld");
+    }
+}

@@ -1,0 +1,389 @@
+//! The request lifecycle, top to bottom:
+//! authenticate → read and inspect the body → resolve the route → start the meter → forward
+//! → meter the response as it streams → (the meter) settle and journal.
+//!
+//! Errors before the meter starts (bad key, bad body, no route) are answered by tollgate in
+//! the caller's dialect and never reach the upstream. From the meter on, every path — success,
+//! upstream error, broken stream, client gone — ends in exactly one usage record.
+
+pub mod snapshot;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::config::Dialect;
+use crate::error::GatewayError;
+use crate::ledger::{Dimensions, Ledger, Outcome};
+use crate::meter::{Meter, MeterStart, MeteredBody};
+use crate::provider::{Endpoint, RequestFacts, openai};
+use snapshot::{ApiKey, Snapshot, Upstream};
+
+/// Request header naming the product feature a call serves (breakdown dimension).
+pub const HEADER_FEATURE: &str = "x-tollgate-feature";
+/// Request header naming the workflow a call belongs to (breakdown dimension).
+pub const HEADER_WORKFLOW: &str = "x-tollgate-workflow";
+/// Request header naming the application's end user (breakdown dimension).
+pub const HEADER_END_USER: &str = "x-tollgate-end-user";
+/// Response header carrying the id of the usage record the call produced.
+pub const HEADER_RECORD_ID: &str = "x-tollgate-record-id";
+/// Longest dimension value kept; longer values are cut (on a character boundary).
+const MAX_DIMENSION_BYTES: usize = 256;
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those tollgate
+/// sets itself.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The gateway's shared state: the swappable config snapshot and the long-lived parts.
+pub struct Gateway {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub ledger: Arc<Ledger>,
+}
+
+/// The response body type of the data plane.
+pub enum GatewayBody {
+    Full(Full<Bytes>),
+    Metered(MeteredBody<Incoming>),
+}
+
+impl GatewayBody {
+    fn full(bytes: Bytes) -> Self {
+        GatewayBody::Full(Full::new(bytes))
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            GatewayBody::Full(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            GatewayBody::Metered(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GatewayBody::Full(b) => b.is_end_stream(),
+            GatewayBody::Metered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            GatewayBody::Full(b) => b.size_hint(),
+            GatewayBody::Metered(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Gateway {
+    /// Serves one request; never fails (errors become dialect-shaped responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GatewayBody> {
+        let endpoint = Endpoint::classify(req.method(), req.uri().path());
+        let dialect = endpoint
+            .dialect()
+            .unwrap_or_else(|| dialect_from_headers(req.headers()));
+        match self.proxy(req, endpoint, dialect).await {
+            Ok(response) => response,
+            Err(e) => error_response(&e, dialect),
+        }
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+        dialect: Dialect,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
+        let timestamp = chrono::Utc::now();
+        let snapshot = self.snapshot.load_full();
+
+        // Authenticate: nothing is read or forwarded for an unknown key.
+        let key = authenticate(&snapshot, req.headers(), dialect)?;
+
+        // Read the body within the limit and pick out the few fields tollgate needs.
+        let (parts, body) = req.into_parts();
+        let limit = snapshot.config.server.max_request_body_bytes;
+        let body = read_body(body, &parts.headers, limit).await?;
+        let facts = if endpoint == Endpoint::Other {
+            RequestFacts::parse(&body).unwrap_or_default()
+        } else {
+            let facts = RequestFacts::parse(&body)
+                .map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+            if facts.model.is_none() {
+                return Err(GatewayError::MissingModel);
+            }
+            facts
+        };
+
+        // Resolve the route.
+        let upstream = snapshot
+            .route(dialect, facts.model.as_deref())
+            .cloned()
+            .ok_or_else(|| match &facts.model {
+                Some(model) => GatewayError::NoRoute {
+                    model: model.clone(),
+                },
+                None => GatewayError::NoDefaultUpstream {
+                    dialect: dialect.as_str(),
+                },
+            })?;
+
+        // Ask chat/completions streams for usage when the client did not.
+        let mut hide_usage_chunk = false;
+        let mut upstream_body = body.clone();
+        if facts.stream
+            && dialect == Dialect::OpenAi
+            && openai::needs_usage_request(endpoint)
+            && facts.include_usage != Some(true)
+            && let Some(rewritten) = openai::with_include_usage(&body, facts.has_stream_options)
+        {
+            upstream_body = rewritten;
+            hide_usage_chunk = true;
+        }
+
+        let upstream_req = build_upstream_request(&parts, &upstream, upstream_body, endpoint)?;
+
+        // From here on, every path ends in exactly one usage record.
+        let mut meter = Meter::new(MeterStart {
+            ledger: self.ledger.clone(),
+            record_id: uuid::Uuid::now_v7(),
+            timestamp,
+            key_id: key.id.clone(),
+            account: key.account.clone(),
+            upstream: upstream.name.clone(),
+            model: facts.model,
+            endpoint,
+            dialect,
+            streamed: facts.stream,
+            dimensions: dimensions(&parts.headers),
+            request_body: body,
+            max_metered_response_bytes: snapshot.config.server.max_metered_response_bytes,
+            hide_usage_chunk,
+        });
+        drop(snapshot);
+
+        let timeout = upstream.config.timeout;
+        let response =
+            match tokio::time::timeout(timeout, upstream.client.request(upstream_req)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => {
+                    meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
+                    return Err(GatewayError::UpstreamUnreachable {
+                        upstream: upstream.name.to_string(),
+                        reason: error_chain(&e),
+                    });
+                }
+                Err(_) => {
+                    meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
+                    return Err(GatewayError::UpstreamTimeout {
+                        upstream: upstream.name.to_string(),
+                        timeout_ms: timeout.as_millis(),
+                    });
+                }
+            };
+
+        let (mut head, body) = response.into_parts();
+        let is_event_stream = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let rewrites_length = meter.on_response_head(head.status, is_event_stream);
+        strip_hop_by_hop(&mut head.headers);
+        if rewrites_length {
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
+        if let Some(id) = meter.record_id()
+            && let Ok(v) = HeaderValue::from_str(&id.to_string())
+        {
+            head.headers.insert(HEADER_RECORD_ID, v);
+        }
+        Ok(Response::from_parts(
+            head,
+            GatewayBody::Metered(MeteredBody::new(body, meter)),
+        ))
+    }
+}
+
+fn error_response(e: &GatewayError, dialect: Dialect) -> Response<GatewayBody> {
+    let (status, body) = e.render(dialect);
+    let mut response = Response::new(GatewayBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Requests to pass-through paths carry no dialect in their path; Anthropic clients always
+/// send `anthropic-version`.
+fn dialect_from_headers(headers: &HeaderMap) -> Dialect {
+    if headers.contains_key("anthropic-version") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    }
+}
+
+fn authenticate(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    dialect: Dialect,
+) -> Result<Arc<ApiKey>, GatewayError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let x_api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let presented = match dialect {
+        Dialect::Anthropic => x_api_key.or(bearer),
+        Dialect::OpenAi => bearer.or(x_api_key),
+    }
+    .filter(|k| !k.is_empty())
+    .ok_or(GatewayError::MissingKey)?;
+    let key = snapshot.key(presented).ok_or(GatewayError::UnknownKey)?;
+    if key.disabled {
+        return Err(GatewayError::DisabledKey);
+    }
+    Ok(key.clone())
+}
+
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::BodyRead(e.to_string())),
+    }
+}
+
+fn build_upstream_request(
+    parts: &http::request::Parts,
+    upstream: &Upstream,
+    body: Bytes,
+    endpoint: Endpoint,
+) -> Result<Request<Full<Bytes>>, GatewayError> {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let mut uri = String::with_capacity(upstream.base.len() + path_and_query.len());
+    uri.push_str(&upstream.base);
+    uri.push_str(path_and_query);
+    let uri: http::Uri = uri
+        .parse()
+        .map_err(|e| GatewayError::Internal(format!("upstream URI: {e}")))?;
+
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
+    for (name, value) in &parts.headers {
+        if is_forwardable(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if endpoint != Endpoint::Other {
+        // Usage must be readable: no compressed responses on metered endpoints.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    if let Some((name, value)) = &upstream.credential {
+        headers.insert(name.clone(), value.clone());
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+fn is_forwardable(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name)
+        || name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::AUTHORIZATION
+        || name == "x-api-key"
+        || name.as_str().starts_with("x-tollgate-"))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn dimensions(headers: &HeaderMap) -> Dimensions {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                let mut end = v.len().min(MAX_DIMENSION_BYTES);
+                while !v.is_char_boundary(end) {
+                    end -= 1;
+                }
+                v[..end].to_string()
+            })
+    };
+    Dimensions {
+        feature: get(HEADER_FEATURE),
+        workflow: get(HEADER_WORKFLOW),
+        end_user: get(HEADER_END_USER),
+    }
+}
+
+/// An error with its causes (`connection refused` sits a few levels down in hyper's errors).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,227 @@
+//! The config snapshot a request runs under: the validated config and everything derived from
+//! it (key table, route table, upstream clients). It is swapped whole through one `ArcSwap`,
+//! so a request sees the old snapshot or the new one, never a mix; long-lived state (balances,
+//! counters, the ledger) lives outside it.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Config, Dialect, ModelMatch, UpstreamConfig};
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A client key as the request path sees it.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    pub account: Arc<str>,
+    pub disabled: bool,
+}
+
+/// An upstream with its connection pool and ready-made credential header.
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    pub client: UpstreamClient,
+    /// `scheme://authority` of the upstream, prefix included, without trailing slash.
+    pub base: String,
+    /// The credential header (`authorization` or `x-api-key`), marked sensitive.
+    pub credential: Option<(http::HeaderName, HeaderValue)>,
+}
+
+pub struct Snapshot {
+    pub config: Config,
+    keys: HashMap<[u8; 32], Arc<ApiKey>>,
+    upstreams: Vec<Arc<Upstream>>,
+    defaults: HashMap<Dialect, usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstreams[{index}] ({name}): {reason}")]
+pub struct UpstreamBuildError {
+    index: usize,
+    name: String,
+    reason: String,
+}
+
+impl Snapshot {
+    pub fn build(config: Config) -> Result<Snapshot, UpstreamBuildError> {
+        let keys = config
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.sha256,
+                    Arc::new(ApiKey {
+                        id: Arc::from(k.id.as_str()),
+                        account: Arc::from(k.account.as_str()),
+                        disabled: k.disabled,
+                    }),
+                )
+            })
+            .collect();
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        let mut defaults = HashMap::new();
+        for (index, u) in config.upstreams.iter().enumerate() {
+            let fail = |reason: String| UpstreamBuildError {
+                index,
+                name: u.name.clone(),
+                reason,
+            };
+            if u.default {
+                defaults.insert(u.dialect, index);
+            }
+            let client = build_client(u).map_err(fail)?;
+            let credential = match &u.credential {
+                None => None,
+                Some(secret) => {
+                    let (name, value) = match u.dialect {
+                        Dialect::OpenAi => (
+                            http::header::AUTHORIZATION,
+                            format!("Bearer {}", secret.expose()),
+                        ),
+                        Dialect::Anthropic => (
+                            http::HeaderName::from_static("x-api-key"),
+                            secret.expose().to_string(),
+                        ),
+                    };
+                    let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                        fail("the credential holds characters not allowed in a header".into())
+                    })?;
+                    value.set_sensitive(true);
+                    Some((name, value))
+                }
+            };
+            let origin = u.config_origin();
+            upstreams.push(Arc::new(Upstream {
+                name: Arc::from(u.name.as_str()),
+                base: format!("{origin}{}", u.path_prefix),
+                config: u.clone(),
+                client,
+                credential,
+            }));
+        }
+        // With no explicit default, a dialect served by a single upstream defaults to it.
+        for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+            let mut of_dialect = config
+                .upstreams
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.dialect == dialect);
+            if let (Some((i, _)), None) = (of_dialect.next(), of_dialect.next()) {
+                defaults.entry(dialect).or_insert(i);
+            }
+        }
+        Ok(Snapshot {
+            config,
+            keys,
+            upstreams,
+            defaults,
+        })
+    }
+
+    /// Looks a presented client key up by its SHA-256.
+    pub fn key(&self, presented: &str) -> Option<&Arc<ApiKey>> {
+        self.keys.get(&crate::config::hash_key(presented))
+    }
+
+    /// The upstream for `model` on an endpoint of `dialect`: the first route that matches and
+    /// whose upstream speaks the dialect, else the dialect's default upstream.
+    pub fn route(&self, dialect: Dialect, model: Option<&str>) -> Option<&Arc<Upstream>> {
+        if let Some(model) = model {
+            for r in &self.config.routes {
+                let upstream = &self.upstreams[r.upstream];
+                if upstream.config.dialect != dialect {
+                    continue;
+                }
+                let hit = match &r.matcher {
+                    ModelMatch::Exact(m) => m == model,
+                    ModelMatch::Prefix(p) => model.starts_with(p.as_str()),
+                };
+                if hit {
+                    return Some(upstream);
+                }
+            }
+        }
+        self.defaults.get(&dialect).map(|&i| &self.upstreams[i])
+    }
+}
+
+impl UpstreamConfig {
+    /// `scheme://authority` without the trailing slash `Uri` adds.
+    fn config_origin(&self) -> String {
+        self.origin.to_string().trim_end_matches('/').to_string()
+    }
+}
+
+/// System trust roots, loaded once per process.
+fn system_roots() -> &'static [rustls::pki_types::CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for e in &loaded.errors {
+            tracing::warn!(error = %e, "could not load some system CA certificates");
+        }
+        loaded.certs
+    })
+}
+
+fn build_client(u: &UpstreamConfig) -> Result<UpstreamClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
+    if let Some(path) = &u.ca_file {
+        let file =
+            std::fs::File::open(path).map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
+        let mut count = 0;
+        for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+            let cert = cert.map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(format!(
+                "ca_file `{}` holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(u.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(u.pool_max_idle_per_host)
+        .build(https))
+}
