@@ -503,6 +503,12 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let out = this.meter.on_data(data);
+                        // A body of known length is done once its last byte arrives; the
+                        // server may not poll again, so settle now rather than on drop.
+                        if this.inner.is_end_stream() {
+                            this.ended = true;
+                            this.trailer = this.meter.on_end();
+                        }
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }

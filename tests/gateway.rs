@@ -1,0 +1,657 @@
+//! The gateway end to end over loopback: real HTTP to tollgate, tollgate to the mock upstream,
+//! and the journal read back. Each test asserts what was metered, not only status codes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use tollgate::ledger::Outcome;
+use tollgate::provider::Endpoint;
+
+fn chat(model: &str, max_tokens: u64, stream: bool) -> Value {
+    json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello there general kenobi"}
+        ],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+#[tokio::test]
+async fn openai_chat_non_streaming_is_metered_exactly() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat("gpt-4o", 5, false))
+        .header("x-tollgate-feature", "search")
+        .header("x-tollgate-workflow", "triage")
+        .header("x-tollgate-end-user", "user-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = record_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], mock_text(5));
+    assert_eq!(body["usage"]["prompt_tokens"], 6);
+
+    let r = h.record(1, &id).await;
+    assert_eq!(&*r.key_id, "alice-dev");
+    assert_eq!(&*r.account, "acme");
+    assert_eq!(&*r.upstream, "mock-openai");
+    assert_eq!(r.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(r.endpoint, Endpoint::ChatCompletions);
+    assert_eq!((r.status, r.outcome), (200, Outcome::Completed));
+    assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (6, 5));
+    assert!(!r.estimated && !r.streamed);
+    assert!(r.upstream_ttfb_us.is_some() && r.upstream_total_us >= r.upstream_ttfb_us.unwrap());
+    assert_eq!(r.dimensions.feature.as_deref(), Some("search"));
+    assert_eq!(r.dimensions.workflow.as_deref(), Some("triage"));
+    assert_eq!(r.dimensions.end_user.as_deref(), Some("user-42"));
+
+    // The upstream saw tollgate's credential, never the client's key or tollgate's headers.
+    let seen = h.mock.received();
+    let headers = &seen.last().unwrap().headers;
+    let auth = headers.iter().find(|(n, _)| n == "authorization").unwrap();
+    assert_eq!(auth.1, format!("Bearer {OPENAI_CREDENTIAL}"));
+    assert!(
+        headers
+            .iter()
+            .all(|(n, v)| !v.contains(ALICE) && !n.starts_with("x-tollgate"))
+    );
+}
+
+#[tokio::test]
+async fn cached_and_reasoning_tokens_are_recorded() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-cached-reasoning", 8, false),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = record_id(&resp);
+    assert_eq!(resp.status(), 200);
+    let r = h.record(1, &id).await;
+    assert_eq!(r.usage.input_tokens, 6);
+    assert_eq!(r.usage.cached_input_tokens, 3);
+    assert_eq!(r.usage.output_tokens, 8);
+    assert_eq!(r.usage.reasoning_tokens, 4);
+}
+
+#[tokio::test]
+async fn openai_stream_gets_usage_and_hides_the_extra_chunk() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai("/v1/chat/completions", BOB, chat("gpt-4o-mini", 7, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-length").is_none());
+    let id = record_id(&resp);
+    let body = resp.text().await.unwrap();
+    let events = sse_events(&body);
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    // What an unmodified client receives: no usage chunk, no chunk with empty choices.
+    for (_, data) in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(
+            !v["choices"].as_array().unwrap().is_empty(),
+            "usage chunk leaked: {data}"
+        );
+        assert!(
+            v.get("usage").is_none_or(Value::is_null),
+            "usage leaked: {data}"
+        );
+    }
+    // ...while tollgate asked the upstream for it.
+    let sent: Value = serde_json::from_slice(&h.mock.received().last().unwrap().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    let r = h.record(1, &id).await;
+    assert!(r.streamed && !r.estimated);
+    assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (6, 7));
+    assert_eq!(&*r.account, "globex");
+}
+
+#[tokio::test]
+async fn openai_stream_keeps_usage_chunk_when_client_asked() {
+    let h = Harness::start().await;
+    let mut req = chat("gpt-4o", 3, true);
+    req["stream_options"] = json!({"include_usage": true});
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, req)
+        .send()
+        .await
+        .unwrap();
+    let id = record_id(&resp);
+    let events = sse_events(&resp.text().await.unwrap());
+    let usage_chunk = events
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("the client asked for the usage chunk");
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 3);
+    let r = h.record(1, &id).await;
+    assert_eq!(
+        (r.usage.input_tokens, r.usage.output_tokens, r.estimated),
+        (6, 3, false)
+    );
+}
+
+#[tokio::test]
+async fn completions_embeddings_and_responses_are_metered() {
+    let h = Harness::start().await;
+    let c = h
+        .openai(
+            "/v1/completions",
+            ALICE,
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "one two three", "max_tokens": 4, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let c_id = record_id(&c);
+    let c_events = sse_events(&c.text().await.unwrap());
+    assert!(c_events.iter().all(|(_, d)| !d.contains("\"usage\":{")));
+
+    let e = h
+        .openai(
+            "/v1/embeddings",
+            ALICE,
+            json!({"model": "text-embedding-3-small", "input": ["a b", "c d e"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let e_id = record_id(&e);
+    assert_eq!(
+        e.json::<Value>().await.unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let r = h
+        .openai(
+            "/v1/responses",
+            ALICE,
+            json!({"model": "gpt-4.1-cached", "input": "four words of input", "max_output_tokens": 9}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let r_id = record_id(&r);
+    r.bytes().await.unwrap();
+
+    let rs = h
+        .openai(
+            "/v1/responses",
+            ALICE,
+            json!({"model": "gpt-4.1", "input": "two words", "max_output_tokens": 6, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let rs_id = record_id(&rs);
+    let rs_events = sse_events(&rs.text().await.unwrap());
+    assert_eq!(rs_events.last().unwrap().0, "response.completed");
+
+    let records = h.records(4).await;
+    let get = |id: &str| records.iter().find(|r| r.id.to_string() == id).unwrap();
+    let c = get(&c_id);
+    assert_eq!(
+        (c.endpoint, c.usage.input_tokens, c.usage.output_tokens),
+        (Endpoint::Completions, 3, 4)
+    );
+    let e = get(&e_id);
+    assert_eq!(
+        (e.endpoint, e.usage.input_tokens, e.usage.output_tokens),
+        (Endpoint::Embeddings, 5, 0)
+    );
+    let r = get(&r_id);
+    assert_eq!(
+        (
+            r.endpoint,
+            r.usage.input_tokens,
+            r.usage.cached_input_tokens,
+            r.usage.output_tokens
+        ),
+        (Endpoint::Responses, 4, 2, 9)
+    );
+    let rs = get(&rs_id);
+    assert!(rs.streamed && !rs.estimated);
+    assert_eq!((rs.usage.input_tokens, rs.usage.output_tokens), (2, 6));
+}
+
+#[tokio::test]
+async fn anthropic_messages_streaming_and_not() {
+    let h = Harness::start().await;
+    let body = json!({
+        "model": "claude-sonnet-4-cached",
+        "system": "be brief",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there general kenobi"}]}],
+        "max_tokens": 6,
+    });
+    let resp = h.anthropic(ALICE, body.clone()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = record_id(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["usage"]["input_tokens"], 3, "mock: P - P/2 uncached");
+
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    streaming["model"] = json!("claude-haiku-4");
+    let resp = h.anthropic(ALICE, streaming).send().await.unwrap();
+    let sid = record_id(&resp);
+    let events = sse_events(&resp.text().await.unwrap());
+    assert_eq!(events.first().unwrap().0, "message_start");
+    assert_eq!(events.last().unwrap().0, "message_stop");
+
+    let records = h.records(2).await;
+    let r = records.iter().find(|r| r.id.to_string() == id).unwrap();
+    assert_eq!(&*r.upstream, "mock-anthropic");
+    assert_eq!(r.endpoint, Endpoint::Messages);
+    assert_eq!(
+        (
+            r.usage.input_tokens,
+            r.usage.cached_input_tokens,
+            r.usage.output_tokens
+        ),
+        (6, 3, 6),
+        "input is normalised to the whole prompt"
+    );
+    let s = records.iter().find(|r| r.id.to_string() == sid).unwrap();
+    assert!(s.streamed && !s.estimated);
+    assert_eq!((s.usage.input_tokens, s.usage.output_tokens), (6, 6));
+    // The Anthropic upstream got its own credential header.
+    let seen = h.mock.received();
+    let headers = &seen.last().unwrap().headers;
+    assert!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "x-api-key" && v == ANTHROPIC_CREDENTIAL)
+    );
+}
+
+#[tokio::test]
+async fn missing_usage_is_counted_with_the_tokenizer() {
+    let h = Harness::start().await;
+    let stream = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-no-usage", 12, true),
+        )
+        .send()
+        .await
+        .unwrap();
+    let stream_id = record_id(&stream);
+    stream.text().await.unwrap();
+    let plain = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-no-usage", 10, false),
+        )
+        .send()
+        .await
+        .unwrap();
+    let plain_id = record_id(&plain);
+    plain.text().await.unwrap();
+    let anth = h
+        .anthropic(
+            ALICE,
+            json!({"model": "claude-no-usage", "max_tokens": 9, "stream": true,
+                   "messages": [{"role": "user", "content": "hello there general kenobi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let anth_id = record_id(&anth);
+    anth.text().await.unwrap();
+
+    let records = h.records(3).await;
+    let get = |id: &str| records.iter().find(|r| r.id.to_string() == id).unwrap();
+    // Prompt: the text of both messages plus 3 tokens a message and 3 for the reply.
+    let prompt = tiktoken("gpt-4o", "be brief\nhello there general kenobi") + 2 * 3 + 3;
+    let s = get(&stream_id);
+    assert!(s.estimated);
+    assert_eq!(s.usage.input_tokens, prompt);
+    assert_eq!(s.usage.output_tokens, tiktoken("gpt-4o", &mock_text(12)));
+    let p = get(&plain_id);
+    assert!(p.estimated);
+    assert_eq!(
+        (p.usage.input_tokens, p.usage.output_tokens),
+        (prompt, tiktoken("gpt-4o", &mock_text(10)))
+    );
+    let a = get(&anth_id);
+    assert!(a.estimated);
+    assert_eq!(
+        a.usage.input_tokens,
+        tiktoken("claude", "hello there general kenobi") + 3 + 3
+    );
+    assert_eq!(a.usage.output_tokens, tiktoken("claude", &mock_text(9)));
+}
+
+#[tokio::test]
+async fn stream_broken_mid_way_ends_with_an_error_event_and_estimated_usage() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-error-mid", 10, true),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = record_id(&resp);
+    let body = resp
+        .text()
+        .await
+        .expect("the client sees a clean end, not a reset");
+    let events = sse_events(&body);
+    let (_, last) = events.last().unwrap();
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    let delivered: String = events
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    let r = h.record(1, &id).await;
+    assert_eq!(r.outcome, Outcome::StreamError);
+    assert!(r.estimated);
+    assert_eq!(r.usage.output_tokens, tiktoken("gpt-4o", &delivered));
+    assert!(r.usage.output_tokens > 0 && r.usage.output_tokens < 10);
+
+    let resp = h
+        .anthropic(
+            ALICE,
+            json!({"model": "claude-error-mid", "max_tokens": 10, "stream": true,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap().0, "error");
+    let records = h.records(2).await;
+    let a = records
+        .iter()
+        .find(|r| r.model.as_deref() == Some("claude-error-mid"))
+        .unwrap();
+    assert_eq!(a.outcome, Outcome::StreamError);
+    assert!(a.estimated);
+    assert_eq!(
+        a.usage.input_tokens, 1,
+        "message_start's input figure is kept"
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_is_metered_once() {
+    let h = Harness::start().await;
+    let mut resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-large-slow-10", 0, true),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = record_id(&resp);
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    drop(resp);
+    let r = h.record(1, &id).await;
+    assert_eq!(r.outcome, Outcome::ClientDisconnected);
+    assert!(r.estimated);
+    assert!(
+        r.usage.output_tokens < 4000,
+        "only what was delivered: {}",
+        r.usage.output_tokens
+    );
+}
+
+#[tokio::test]
+async fn upstream_5xx_passes_through_and_is_recorded() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-fail-5xx", 5, false),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let id = record_id(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    let r = h.record(1, &id).await;
+    assert_eq!((r.status, r.outcome), (500, Outcome::UpstreamError));
+    assert_eq!(
+        (r.usage.input_tokens, r.usage.output_tokens, r.estimated),
+        (0, 0, false)
+    );
+}
+
+#[tokio::test]
+async fn bad_keys_are_refused_before_the_upstream() {
+    let h = Harness::start().await;
+    let before = h.mock.request_count();
+    for key in ["tg-nope", DISABLED] {
+        let resp = h
+            .openai("/v1/chat/completions", key, chat("gpt-4o", 5, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .json(&chat("gpt-4o", 5, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = h
+        .anthropic(
+            "tg-nope",
+            json!({"model": "claude-x", "max_tokens": 1, "messages": []}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("authentication_error"))
+    );
+    assert_eq!(
+        h.mock.request_count(),
+        before,
+        "no byte reached the upstream"
+    );
+    h.gateway.ledger().sync().await;
+    assert_eq!(h.gateway.ledger().submitted(), 0);
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_bodies_get_dialect_errors() {
+    let h = Harness::start_with("max_request_body_bytes = 2048", "").await;
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .bearer_auth(ALICE)
+        .header("content-type", "application/json")
+        .body("{\"model\": \"gpt-4o\", \"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+
+    let resp = h
+        .http
+        .post(format!("{}/v1/messages", h.base))
+        .header("x-api-key", ALICE)
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["type"], "error");
+
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    let huge =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(4096)}]});
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    // Chunked (no content-length) bodies are cut at the limit too.
+    let chunks = futures::stream::iter((0..64).map(|_| Ok::<_, std::io::Error>(vec![b' '; 100])));
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .bearer_auth(ALICE)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(h.mock.request_count(), 0);
+    h.gateway.ledger().sync().await;
+    assert_eq!(h.gateway.ledger().submitted(), 0);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "dead"
+dialect = "openai"
+base_url = "http://{dead}"
+connect_timeout_ms = 500
+
+[[routes]]
+model = "gpt-dead"
+upstream = "dead"
+"#
+    );
+    let h = Harness::start_with("", &extra).await;
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat("gpt-dead", 5, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    assert!(v["error"]["message"].as_str().unwrap().contains("dead"));
+
+    let resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            chat("gpt-4o-slow-3000", 5, false),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+
+    let records = h.records(2).await;
+    assert!(records.iter().any(|r| r.status == 502
+        && r.outcome == Outcome::UpstreamUnreachable
+        && &*r.upstream == "dead"));
+    assert!(
+        records
+            .iter()
+            .any(|r| r.status == 504 && r.outcome == Outcome::UpstreamTimeout)
+    );
+}
+
+#[tokio::test]
+async fn other_paths_pass_through_and_count_as_calls() {
+    let h = Harness::start().await;
+    let resp = h
+        .http
+        .get(format!("{}/v1/models", h.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    let r = h.records(1).await.remove(0);
+    assert_eq!(r.endpoint, Endpoint::Other);
+    assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (0, 0));
+    assert_eq!(&*r.upstream, "mock-openai");
+}
+
+#[tokio::test]
+async fn credentials_never_reach_responses_or_journal() {
+    let h = Harness::start().await;
+    for model in ["gpt-4o", "gpt-4o-fail-5xx", "gpt-4o-error-mid"] {
+        let resp = h
+            .openai("/v1/chat/completions", ALICE, chat(model, 4, true))
+            .send()
+            .await
+            .unwrap();
+        let headers = format!("{:?}", resp.headers());
+        let body = resp.text().await.unwrap_or_default();
+        assert!(!headers.contains("SECRET") && !body.contains("SECRET"));
+    }
+    h.records(3).await;
+    let journal = std::fs::read_to_string(&h.journal).unwrap();
+    assert!(!journal.contains("SECRET") && !journal.contains(ALICE));
+}
