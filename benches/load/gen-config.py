@@ -1,0 +1,29 @@
+#!/usr/bin/env python3
+"""Writes the tollgate config for benches/load.sh: one OpenAI-dialect upstream (the mock),
+NKEYS client keys `tg-bench-<i>` stored as SHA-256, journal at JOURNAL.
+
+usage: gen-config.py OUT MOCK_ADDR JOURNAL NKEYS
+"""
+import hashlib
+import sys
+
+out, mock, journal, nkeys = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with open(out, "w") as f:
+    f.write(f'''[server]
+listen = "127.0.0.1:0"
+shutdown_grace_ms = 1000
+
+[journal]
+path = "{journal}"
+
+[[upstreams]]
+name = "mock-openai"
+dialect = "openai"
+base_url = "http://{mock}"
+api_key_env = "BENCH_UPSTREAM_KEY"
+timeout_ms = 30000
+default = true
+''')
+    for i in range(nkeys):
+        h = hashlib.sha256(f"tg-bench-{i}".encode()).hexdigest()
+        f.write(f'\n[[keys]]\nid = "bench-{i}"\nsha256 = "{h}"\naccount = "bench-acct-{i % 100}"\n')
