@@ -7,10 +7,15 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::balance::{AccountPolicy, AutoTopUp, GrantKind, GrantSpec, OverageRule, Slowdown};
+use crate::pricing::{Conversion, ModelPrice, Period, Plan, PriceBook, Tier, to_nanos, to_ppb};
 
 /// The example configuration shipped in `config/`, compiled in so `tollgate serve` runs with
 /// no arguments.
@@ -35,6 +40,17 @@ pub const DEFAULT_JOURNAL_PATH: &str = "data/usage.jsonl";
 pub const DEFAULT_JOURNAL_CHANNEL_CAPACITY: usize = 65_536;
 /// Default grace period for in-flight requests at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Default output tokens reserved when a request sets no `max_tokens`.
+pub const DEFAULT_OUTPUT_RESERVATION_TOKENS: u64 = 4_096;
+/// Default prompt bytes per token for the cheap admission estimate (conservative: real text
+/// averages about four bytes a token, JSON framing adds more bytes than tokens).
+pub const DEFAULT_PROMPT_BYTES_PER_TOKEN: u64 = 3;
+/// Default alert thresholds, fractions of the hard cap and of the plan allowance.
+pub const DEFAULT_ALERT_THRESHOLDS: [&str; 4] = ["0.5", "0.75", "0.9", "1"];
+/// Default seconds between two automatic top-ups.
+pub const DEFAULT_TOPUP_COOLDOWN_S: u64 = 3_600;
+/// Default grant priority (lower is drawn first).
+pub const DEFAULT_GRANT_PRIORITY: i32 = 10;
 
 // ---------------------------------------------------------------------------------------------
 // Raw: the file as written.
@@ -53,6 +69,166 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     keys: Vec<RawKey>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    reservation: RawReservation,
+    #[serde(default)]
+    alerts: RawAlerts,
+    #[serde(default)]
+    prices: Vec<RawPrice>,
+    #[serde(default)]
+    outcome_prices: Vec<RawOutcomePrice>,
+    #[serde(default)]
+    plans: Vec<RawPlan>,
+    #[serde(default)]
+    accounts: Vec<RawAccount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Admin listener address (balances, grants, metrics, reload). Keep it private.
+    listen: String,
+    /// Environment variable holding the admin bearer token.
+    token_env: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReservation {
+    /// Output tokens reserved for a request that sets no `max_tokens`. Default 4 096.
+    default_output_tokens: Option<u64>,
+    /// Prompt bytes per token assumed by the cheap admission estimate. Default 3.
+    prompt_bytes_per_token: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    /// Environment variable holding the webhook signing secret (HMAC-SHA256).
+    signing_secret_env: Option<String>,
+    /// Delivery attempts per webhook before giving up. Default 8.
+    max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    model: Option<String>,
+    model_prefix: Option<String>,
+    /// Per million uncached input tokens.
+    input_per_mtok: Decimal,
+    /// Per million cached input tokens. Default: `input_per_mtok`.
+    cached_input_per_mtok: Option<Decimal>,
+    /// Per million input tokens written to the prompt cache. Default: `input_per_mtok`.
+    cache_write_per_mtok: Option<Decimal>,
+    /// Per million output tokens.
+    output_per_mtok: Decimal,
+    /// Per million reasoning tokens. Default: `output_per_mtok`.
+    reasoning_per_mtok: Option<Decimal>,
+    /// Per call. Default 0.
+    per_call: Option<Decimal>,
+    /// Per second of upstream time. Default 0.
+    per_compute_second: Option<Decimal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutcomePrice {
+    name: String,
+    price: Decimal,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    id: String,
+    /// `month` (default), `week` (ISO, from Monday) or `day`; UTC calendar-aligned.
+    period: Option<String>,
+    #[serde(default)]
+    base_fee: Decimal,
+    #[serde(default)]
+    seat_fee: Decimal,
+    /// Rated usage included per period, in the account's unit.
+    #[serde(default)]
+    included_usage: Decimal,
+    /// Graduated overage tiers; default one tier at 1×.
+    #[serde(default)]
+    tiers: Vec<RawTier>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    /// Overage (beyond the allowance) covered up to here; omitted on the last tier.
+    up_to: Option<Decimal>,
+    multiplier: Decimal,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: String,
+    /// `USD` (default) or any currency code, or `credits`.
+    unit: Option<String>,
+    /// Credits per price-book currency unit (required when `unit = "credits"`).
+    credits_per_unit: Option<Decimal>,
+    plan: Option<String>,
+    #[serde(default)]
+    seats: u32,
+    /// Spend per period beyond which requests are refused (402).
+    hard_cap: Option<Decimal>,
+    /// Spend per period beyond which an alert fires; requests continue.
+    soft_cap: Option<Decimal>,
+    /// Draw usage from prepaid grants.
+    #[serde(default)]
+    prepaid: bool,
+    /// `block` (default), `allow` (down to -overage_limit) or `require_topup`.
+    overage: Option<String>,
+    overage_limit: Option<Decimal>,
+    #[serde(default)]
+    grants: Vec<RawGrant>,
+    auto_topup: Option<RawAutoTopUp>,
+    /// Fractions of the hard cap / allowance that alert. Default 0.5, 0.75, 0.9, 1.
+    alert_thresholds: Option<Vec<Decimal>>,
+    /// Balance at or below which a low-balance alert fires.
+    low_balance: Option<Decimal>,
+    /// The account admin's webhook URL.
+    admin_webhook: Option<String>,
+    slowdown: Option<RawSlowdown>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    id: String,
+    amount: Decimal,
+    /// `paid` or `promotional` (default).
+    kind: Option<String>,
+    /// Lower is drawn first. Default 10.
+    priority: Option<i32>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `keep` (default: carries over until `expires_at`) or `expire` (forfeited at the end of
+    /// the period it was granted in).
+    rollover: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoTopUp {
+    threshold: Decimal,
+    amount: Decimal,
+    /// Minimum seconds between two automatic top-ups. Default 3 600.
+    cooldown_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlowdown {
+    /// Fraction of the hard cap at which the slow-down starts.
+    at: Decimal,
+    /// Requests per minute per key beyond it.
+    rpm: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +299,12 @@ struct RawKey {
     labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     disabled: bool,
+    /// Requests per minute. Default: unlimited.
+    rpm: Option<u64>,
+    /// Tokens per minute (prompt estimate + output reservation at admission). Default: unlimited.
+    tpm: Option<u64>,
+    /// The key owner's webhook URL for alerts.
+    owner_webhook: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,6 +361,30 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub keys: Vec<KeyConfig>,
+    pub admin: Option<AdminConfig>,
+    pub reservation: ReservationConfig,
+    pub alerts: AlertsConfig,
+    pub prices: PriceBook,
+    /// Account policies by id; keys of unlisted accounts are metered without limits.
+    pub accounts: HashMap<String, Arc<AccountPolicy>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Secret,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReservationConfig {
+    pub default_output_tokens: u64,
+    pub prompt_bytes_per_token: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AlertsConfig {
+    pub signing_secret: Option<Secret>,
+    pub max_attempts: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -231,6 +437,9 @@ pub struct KeyConfig {
     pub account: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub disabled: bool,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub owner_webhook: Option<String>,
 }
 
 /// Every problem found in a config file, each with the path of the field it concerns.
@@ -497,13 +706,100 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         } else if !key_hashes.insert(sha256) {
             problems.push(format!("{at}.sha256: the same key is configured twice"));
         }
+        if k.rpm == Some(0) {
+            problems.push(format!("{at}.rpm: must be positive (omit it for no limit)"));
+        }
+        if k.tpm == Some(0) {
+            problems.push(format!("{at}.tpm: must be positive (omit it for no limit)"));
+        }
+        if let Some(url) = &k.owner_webhook {
+            check_url(url, &format!("{at}.owner_webhook"), &mut problems);
+        }
         keys.push(KeyConfig {
             id: k.id,
             sha256,
             account: k.account,
             labels: k.labels,
             disabled: k.disabled,
+            rpm: k.rpm,
+            tpm: k.tpm,
+            owner_webhook: k.owner_webhook,
         });
+    }
+
+    let admin = raw.admin.and_then(|a| {
+        let listen = match a.listen.parse::<SocketAddr>() {
+            Ok(l) => Some(l),
+            Err(_) => {
+                problems.push(format!(
+                    "admin.listen: `{}` is not an address like 127.0.0.1:9090",
+                    a.listen
+                ));
+                None
+            }
+        };
+        let token = match env.var(&a.token_env) {
+            Some(t) if t.len() >= 16 => Some(Secret::new(t)),
+            Some(_) => {
+                problems.push(format!(
+                    "admin.token_env: the token in `{}` must be at least 16 characters",
+                    a.token_env
+                ));
+                None
+            }
+            None => {
+                problems.push(format!(
+                    "admin.token_env: environment variable `{}` is not set",
+                    a.token_env
+                ));
+                None
+            }
+        };
+        Some(AdminConfig {
+            listen: listen?,
+            token: token?,
+        })
+    });
+
+    let reservation = ReservationConfig {
+        default_output_tokens: raw
+            .reservation
+            .default_output_tokens
+            .unwrap_or(DEFAULT_OUTPUT_RESERVATION_TOKENS),
+        prompt_bytes_per_token: raw
+            .reservation
+            .prompt_bytes_per_token
+            .unwrap_or(DEFAULT_PROMPT_BYTES_PER_TOKEN)
+            .max(1),
+    };
+
+    let alerts =
+        AlertsConfig {
+            signing_secret: raw.alerts.signing_secret_env.as_ref().and_then(|var| {
+                match env.var(var) {
+                    Some(s) if !s.is_empty() => Some(Secret::new(s)),
+                    _ => {
+                        problems.push(format!(
+                            "alerts.signing_secret_env: environment variable `{var}` is not set"
+                        ));
+                        None
+                    }
+                }
+            }),
+            max_attempts: raw.alerts.max_attempts,
+        };
+
+    let prices = validate_prices(raw.prices, raw.outcome_prices, &mut problems);
+    let plans = validate_plans(raw.plans, &mut problems);
+    let accounts = validate_accounts(raw.accounts, &plans, &mut problems);
+    if alerts.signing_secret.is_none()
+        && (accounts.values().any(|a| !a.webhooks.is_empty())
+            || keys.iter().any(|k| k.owner_webhook.is_some()))
+    {
+        problems.push(
+            "alerts.signing_secret_env: webhooks are configured, so a signing secret is required"
+                .into(),
+        );
     }
 
     if problems.is_empty() {
@@ -513,10 +809,348 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             upstreams,
             routes,
             keys,
+            admin,
+            reservation,
+            alerts,
+            prices,
+            accounts,
         })
     } else {
         Err(ConfigError { problems })
     }
+}
+
+fn check_url(url: &str, at: &str, problems: &mut Vec<String>) {
+    match url.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+        _ => problems.push(format!("{at}: `{url}` is not an http(s) URL")),
+    }
+}
+
+fn nanos(d: Decimal, at: &str, problems: &mut Vec<String>) -> i64 {
+    match to_nanos(d) {
+        Ok(n) if n >= 0 => n,
+        Ok(_) => {
+            problems.push(format!("{at}: must not be negative"));
+            0
+        }
+        Err(e) => {
+            problems.push(format!("{at}: {e}"));
+            0
+        }
+    }
+}
+
+fn ppb(d: Decimal, at: &str, problems: &mut Vec<String>) -> i128 {
+    match to_ppb(d) {
+        Ok(n) if n >= 0 => n,
+        Ok(_) => {
+            problems.push(format!("{at}: must not be negative"));
+            0
+        }
+        Err(e) => {
+            problems.push(format!("{at}: {e}"));
+            0
+        }
+    }
+}
+
+fn validate_prices(
+    raw: Vec<RawPrice>,
+    outcomes: Vec<RawOutcomePrice>,
+    problems: &mut Vec<String>,
+) -> PriceBook {
+    let mut book = PriceBook::default();
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = format!("prices[{i}]");
+        let matcher = match (p.model, p.model_prefix) {
+            (Some(m), None) if !m.is_empty() => ModelMatch::Exact(m),
+            // An empty prefix is the catch-all price.
+            (None, Some(prefix)) => ModelMatch::Prefix(prefix),
+            _ => {
+                problems.push(format!(
+                    "{at}: set exactly one of `model` or `model_prefix`"
+                ));
+                continue;
+            }
+        };
+        let input = ppb(p.input_per_mtok, &format!("{at}.input_per_mtok"), problems);
+        let output = ppb(
+            p.output_per_mtok,
+            &format!("{at}.output_per_mtok"),
+            problems,
+        );
+        let price = ModelPrice {
+            input_per_mtok: input,
+            cached_input_per_mtok: p.cached_input_per_mtok.map_or(input, |d| {
+                ppb(d, &format!("{at}.cached_input_per_mtok"), problems)
+            }),
+            cache_write_per_mtok: p.cache_write_per_mtok.map_or(input, |d| {
+                ppb(d, &format!("{at}.cache_write_per_mtok"), problems)
+            }),
+            output_per_mtok: output,
+            reasoning_per_mtok: p.reasoning_per_mtok.map_or(output, |d| {
+                ppb(d, &format!("{at}.reasoning_per_mtok"), problems)
+            }),
+            per_call: p
+                .per_call
+                .map_or(0, |d| nanos(d, &format!("{at}.per_call"), problems)),
+            per_compute_second: p
+                .per_compute_second
+                .map_or(0, |d| ppb(d, &format!("{at}.per_compute_second"), problems)),
+        };
+        book.models.push((matcher, price));
+    }
+    for (i, o) in outcomes.into_iter().enumerate() {
+        let at = format!("outcome_prices[{i}]");
+        if o.name.trim().is_empty() {
+            problems.push(format!("{at}.name: must not be empty"));
+        }
+        let price = nanos(o.price, &format!("{at}.price"), problems);
+        if book.outcomes.insert(o.name.clone(), price).is_some() {
+            problems.push(format!("{at}.name: `{}` is priced twice", o.name));
+        }
+    }
+    book
+}
+
+fn validate_plans(raw: Vec<RawPlan>, problems: &mut Vec<String>) -> HashMap<String, Plan> {
+    let mut plans = HashMap::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = format!("plans[{i}]");
+        let period = match p.period.as_deref().unwrap_or("month") {
+            "month" => Period::Month,
+            "week" => Period::Week,
+            "day" => Period::Day,
+            other => {
+                problems.push(format!(
+                    "{at}.period: `{other}` is not one of month, week, day"
+                ));
+                Period::Month
+            }
+        };
+        let mut tiers = Vec::new();
+        let mut last_bound = 0;
+        let count = p.tiers.len();
+        for (j, t) in p.tiers.into_iter().enumerate() {
+            let tat = format!("{at}.tiers[{j}]");
+            let up_to = t.up_to.map(|u| nanos(u, &format!("{tat}.up_to"), problems));
+            match up_to {
+                Some(u) if u <= last_bound => problems.push(format!(
+                    "{tat}.up_to: must be greater than the previous tier's"
+                )),
+                Some(u) => last_bound = u,
+                None if j + 1 != count => problems.push(format!(
+                    "{tat}.up_to: only the last tier may omit its upper bound"
+                )),
+                None => {}
+            }
+            tiers.push(Tier {
+                up_to,
+                multiplier_ppb: ppb(t.multiplier, &format!("{tat}.multiplier"), problems),
+            });
+        }
+        if tiers.last().is_some_and(|t| t.up_to.is_some()) {
+            problems.push(format!("{at}.tiers: the last tier must omit `up_to`"));
+        }
+        if tiers.is_empty() {
+            tiers = Plan::pay_as_you_go(period).tiers;
+        }
+        let plan = Plan {
+            id: p.id.clone(),
+            period,
+            base_fee: nanos(p.base_fee, &format!("{at}.base_fee"), problems),
+            seat_fee: nanos(p.seat_fee, &format!("{at}.seat_fee"), problems),
+            included: nanos(p.included_usage, &format!("{at}.included_usage"), problems),
+            tiers,
+        };
+        if plans.insert(p.id.clone(), plan).is_some() {
+            problems.push(format!("{at}.id: `{}` is used by another plan", p.id));
+        }
+    }
+    plans
+}
+
+fn validate_accounts(
+    raw: Vec<RawAccount>,
+    plans: &HashMap<String, Plan>,
+    problems: &mut Vec<String>,
+) -> HashMap<String, Arc<AccountPolicy>> {
+    let mut accounts = HashMap::new();
+    for (i, a) in raw.into_iter().enumerate() {
+        let at = format!("accounts[{i}]");
+        if a.id.trim().is_empty() {
+            problems.push(format!("{at}.id: must not be empty"));
+        }
+        let unit = a.unit.clone().unwrap_or_else(|| "USD".into());
+        let conversion = match (unit.as_str(), a.credits_per_unit) {
+            ("credits", Some(rate)) => {
+                let rate_ppb = ppb(rate, &format!("{at}.credits_per_unit"), problems);
+                if rate_ppb == 0 {
+                    problems.push(format!("{at}.credits_per_unit: must be positive"));
+                }
+                Conversion { rate_ppb }
+            }
+            ("credits", None) => {
+                problems.push(format!(
+                    "{at}.credits_per_unit: required when unit = \"credits\""
+                ));
+                Conversion::IDENTITY
+            }
+            (_, Some(_)) => {
+                problems.push(format!(
+                    "{at}.credits_per_unit: only applies when unit = \"credits\""
+                ));
+                Conversion::IDENTITY
+            }
+            (_, None) => Conversion::IDENTITY,
+        };
+        let plan = match &a.plan {
+            Some(id) => plans.get(id).cloned().unwrap_or_else(|| {
+                problems.push(format!("{at}.plan: no plan is named `{id}`"));
+                Plan::pay_as_you_go(Period::Month)
+            }),
+            None => Plan::pay_as_you_go(Period::Month),
+        };
+        let money = |d: Option<Decimal>, field: &str, problems: &mut Vec<String>| {
+            d.map(|d| nanos(d, &format!("{at}.{field}"), problems))
+        };
+        let hard_cap = money(a.hard_cap, "hard_cap", problems);
+        let soft_cap = money(a.soft_cap, "soft_cap", problems);
+        if let (Some(h), Some(s)) = (hard_cap, soft_cap)
+            && s > h
+        {
+            problems.push(format!("{at}.soft_cap: must not exceed hard_cap"));
+        }
+        let overage = match (a.overage.as_deref().unwrap_or("block"), a.overage_limit) {
+            ("block", None) => OverageRule::Block,
+            ("require_topup", None) => OverageRule::RequireTopUp,
+            ("allow", Some(limit)) => OverageRule::Allow {
+                limit: nanos(limit, &format!("{at}.overage_limit"), problems),
+            },
+            ("allow", None) => {
+                problems.push(format!(
+                    "{at}.overage_limit: required when overage = \"allow\""
+                ));
+                OverageRule::Block
+            }
+            ("block" | "require_topup", Some(_)) => {
+                problems.push(format!(
+                    "{at}.overage_limit: only applies when overage = \"allow\""
+                ));
+                OverageRule::Block
+            }
+            (other, _) => {
+                problems.push(format!(
+                    "{at}.overage: `{other}` is not one of block, allow, require_topup"
+                ));
+                OverageRule::Block
+            }
+        };
+        let mut grant_ids = HashSet::new();
+        let mut grants = Vec::new();
+        for (j, g) in a.grants.into_iter().enumerate() {
+            let gat = format!("{at}.grants[{j}]");
+            if !grant_ids.insert(g.id.clone()) {
+                problems.push(format!("{gat}.id: `{}` is used by another grant", g.id));
+            }
+            let amount = nanos(g.amount, &format!("{gat}.amount"), problems);
+            if amount == 0 {
+                problems.push(format!("{gat}.amount: must be positive"));
+            }
+            let kind = match g.kind.as_deref().unwrap_or("promotional") {
+                "paid" => GrantKind::Paid,
+                "promotional" => GrantKind::Promotional,
+                other => {
+                    problems.push(format!(
+                        "{gat}.kind: `{other}` is not one of paid, promotional"
+                    ));
+                    GrantKind::Promotional
+                }
+            };
+            let expires_at_period_end = match g.rollover.as_deref().unwrap_or("keep") {
+                "keep" => false,
+                "expire" => true,
+                other => {
+                    problems.push(format!(
+                        "{gat}.rollover: `{other}` is not one of keep, expire"
+                    ));
+                    false
+                }
+            };
+            grants.push(GrantSpec {
+                id: g.id,
+                amount,
+                kind,
+                priority: g.priority.unwrap_or(DEFAULT_GRANT_PRIORITY),
+                expires_at: g.expires_at,
+                expires_at_period_end,
+            });
+        }
+        if !grants.is_empty() && !a.prepaid {
+            problems.push(format!("{at}.grants: grants need `prepaid = true`"));
+        }
+        let auto_topup = a.auto_topup.map(|t| AutoTopUp {
+            threshold: nanos(t.threshold, &format!("{at}.auto_topup.threshold"), problems),
+            amount: nanos(t.amount, &format!("{at}.auto_topup.amount"), problems),
+            cooldown: Duration::from_secs(t.cooldown_s.unwrap_or(DEFAULT_TOPUP_COOLDOWN_S)),
+        });
+        if auto_topup.as_ref().is_some_and(|t| t.amount == 0) {
+            problems.push(format!("{at}.auto_topup.amount: must be positive"));
+        }
+        let alert_fractions = match a.alert_thresholds {
+            Some(list) => list,
+            None => DEFAULT_ALERT_THRESHOLDS
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+        };
+        for (j, f) in alert_fractions.iter().enumerate() {
+            if *f <= Decimal::ZERO || *f > Decimal::from(10) {
+                problems.push(format!("{at}.alert_thresholds[{j}]: must be in (0, 10]"));
+            }
+        }
+        let mut webhooks = Vec::new();
+        if let Some(url) = a.admin_webhook {
+            check_url(&url, &format!("{at}.admin_webhook"), problems);
+            webhooks.push(url);
+        }
+        let slowdown = a.slowdown.map(|s| {
+            if hard_cap.is_none() {
+                problems.push(format!(
+                    "{at}.slowdown: needs a hard_cap to be a fraction of"
+                ));
+            }
+            if s.rpm == 0 {
+                problems.push(format!("{at}.slowdown.rpm: must be positive"));
+            }
+            Slowdown {
+                at_ppb: ppb(s.at, &format!("{at}.slowdown.at"), problems),
+                rpm: s.rpm,
+            }
+        });
+        let policy = AccountPolicy {
+            id: Arc::from(a.id.as_str()),
+            unit,
+            conversion,
+            plan,
+            seats: a.seats,
+            hard_cap,
+            soft_cap,
+            prepaid: a.prepaid,
+            overage,
+            grants,
+            auto_topup,
+            alert_fractions,
+            low_balance: money(a.low_balance, "low_balance", problems),
+            webhooks,
+            slowdown,
+        };
+        if accounts.insert(a.id.clone(), Arc::new(policy)).is_some() {
+            problems.push(format!("{at}.id: `{}` is used by another account", a.id));
+        }
+    }
+    accounts
 }
 
 fn parse_base_url(text: &str) -> Result<(http::uri::Uri, String), String> {

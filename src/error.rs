@@ -32,6 +32,12 @@ pub enum GatewayError {
     UpstreamUnreachable { upstream: String, reason: String },
     #[error("upstream `{upstream}` did not answer within {timeout_ms} ms")]
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
+    #[error("{0}")]
+    Refused(#[from] crate::balance::Refusal),
+    #[error("rate limit exceeded: {limit}; retry in {retry_after_ms} ms")]
+    RateLimited { limit: String, retry_after_ms: u64 },
+    #[error("no price is configured for outcome `{0}`")]
+    UnknownOutcome(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -58,6 +64,11 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, ErrorKind::Timeout)
             }
+            GatewayError::Refused(_) => (StatusCode::PAYMENT_REQUIRED, ErrorKind::Billing),
+            GatewayError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorKind::RateLimit)
+            }
+            GatewayError::UnknownOutcome(_) => (StatusCode::NOT_FOUND, ErrorKind::NotFound),
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Internal),
         }
     }

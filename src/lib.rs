@@ -12,11 +12,14 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod alert;
+pub mod balance;
 pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod meter;
 pub mod mock;
+pub mod pricing;
 pub mod provider;
 pub mod proxy;
 mod server;
@@ -32,6 +35,9 @@ use config::Config;
 use ledger::{JsonLinesJournal, Ledger};
 use proxy::Gateway;
 use proxy::snapshot::Snapshot;
+
+/// How long shutdown waits for pending alert deliveries.
+const ALERT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Builds a gateway from a validated config.
 pub struct GatewayBuilder {
@@ -66,9 +72,20 @@ impl GatewayBuilder {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let addr = server::local_addr(&listener)?;
+        let alerter = snapshot.config.alerts.signing_secret.clone().map(|secret| {
+            let mut config = alert::AlerterConfig::new(secret);
+            if let Some(n) = snapshot.config.alerts.max_attempts {
+                config.max_attempts = n;
+            }
+            alert::Alerter::start(config)
+        });
         let gateway = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             ledger: ledger.clone(),
+            balances: balance::Balances::default(),
+            throttles: dashmap::DashMap::new(),
+            alerter,
+            clock: std::time::Instant::now(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let data_plane = server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx);
@@ -113,5 +130,10 @@ impl RunningGateway {
             tracing::error!(error = %e, "data plane task failed");
         }
         self.gateway.ledger.close().await;
+        if let Some(alerter) = &self.gateway.alerter
+            && !alerter.drain(ALERT_DRAIN_TIMEOUT).await
+        {
+            tracing::warn!("alert deliveries still pending at shutdown");
+        }
     }
 }

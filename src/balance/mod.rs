@@ -28,6 +28,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use dashmap::DashMap;
 use rust_decimal::Decimal;
 
+use crate::alert::{crossed_below, crossed_thresholds};
 use crate::pricing::{Conversion, Plan, from_nanos, scale_ppb};
 
 /// What happens when a prepaid wallet cannot cover a request.
@@ -677,7 +678,8 @@ pub fn settle_account(
     };
 
     if let Some(cap) = policy.hard_cap {
-        for fraction in crossed(&policy.alert_fractions, spend_before, spend_after, cap) {
+        for fraction in crossed_thresholds(spend_before, spend_after, cap, &policy.alert_fractions)
+        {
             settlement.crossings.push(Crossing::SpendThreshold {
                 fraction,
                 spend: spend_after,
@@ -695,11 +697,11 @@ pub fn settle_account(
         });
     }
     if policy.plan.included > 0 {
-        for fraction in crossed(
-            &policy.alert_fractions,
+        for fraction in crossed_thresholds(
             rated_before,
             rated_before + rated,
             policy.plan.included,
+            &policy.alert_fractions,
         ) {
             settlement.crossings.push(Crossing::AllowanceThreshold {
                 fraction,
@@ -717,8 +719,7 @@ pub fn settle_account(
         let balance_before = account.balance.fetch_sub(charge, Ordering::AcqRel);
         let balance_after = balance_before - charge;
         if let Some(low) = policy.low_balance
-            && balance_before > low
-            && balance_after <= low
+            && crossed_below(balance_before, balance_after, low)
         {
             settlement.crossings.push(Crossing::LowBalance {
                 balance: balance_after,
@@ -760,22 +761,6 @@ pub fn settle_account(
         }
     }
     settlement
-}
-
-/// Fractions `f` with `before < ceil(f × limit) ≤ after`.
-fn crossed(fractions: &[Decimal], before: i64, after: i64, limit: i64) -> Vec<Decimal> {
-    if after <= before {
-        return Vec::new();
-    }
-    fractions
-        .iter()
-        .copied()
-        .filter(|f| {
-            let level = (*f * Decimal::from(limit)).ceil();
-            let level = i64::try_from(level).unwrap_or(i64::MAX);
-            before < level && level <= after
-        })
-        .collect()
 }
 
 /// Every account's live state, outside the config snapshot.

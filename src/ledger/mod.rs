@@ -41,6 +41,27 @@ pub enum Outcome {
     StreamError,
     /// The client went away before the response was complete.
     ClientDisconnected,
+    /// tollgate ended the stream: the account could not afford more output.
+    CutOff,
+    /// An application-reported outcome (`POST /v1/outcomes`), priced per unit.
+    Reported,
+}
+
+impl Outcome {
+    /// Whether the call's usage is charged (upstream failures are not: providers do not bill
+    /// them).
+    pub fn is_billable(self) -> bool {
+        match self {
+            Outcome::Completed
+            | Outcome::StreamError
+            | Outcome::ClientDisconnected
+            | Outcome::CutOff
+            | Outcome::Reported => true,
+            Outcome::UpstreamError | Outcome::UpstreamUnreachable | Outcome::UpstreamTimeout => {
+                false
+            }
+        }
+    }
 }
 
 /// Caller-supplied breakdown dimensions, taken from request headers.
@@ -82,6 +103,19 @@ pub struct UsageRecord {
     pub upstream_total_us: u64,
     #[serde(flatten)]
     pub dimensions: Dimensions,
+    /// What the account was charged, in `unit`, after plan allowance and tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<rust_decimal::Decimal>,
+    /// The usage at price-book rates in `unit`, before allowance and tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rated_cost: Option<rust_decimal::Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// For reported outcomes: the outcome's name (`ticket_resolved`) and count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<u64>,
 }
 
 enum Message {

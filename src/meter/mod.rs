@@ -22,8 +22,11 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
+use crate::alert::{AlertEvent, AlertKind, Alerter};
+use crate::balance::{AccountPolicy, AccountState, Crossing, Reservation};
 use crate::config::Dialect;
 use crate::ledger::{Dimensions, Ledger, Outcome, UsageRecord};
+use crate::pricing::{ModelPrice, from_nanos};
 use crate::provider::{self, Endpoint, ErrorKind, StreamUsage, TokenUsage, anthropic, openai};
 use sse::{SseBlock, SseParser};
 
@@ -51,6 +54,146 @@ pub struct MeterStart {
     pub max_metered_response_bytes: usize,
     /// tollgate asked the stream for usage the client did not ask for: hide that chunk.
     pub hide_usage_chunk: bool,
+    /// Pricing and the account to charge.
+    pub billing: Billing,
+}
+
+/// What settlement needs: the price, the account, and the reservation admission made.
+pub struct Billing {
+    pub price: Option<ModelPrice>,
+    pub account: Arc<AccountState>,
+    pub policy: Arc<AccountPolicy>,
+    pub reservation: Option<Reservation>,
+    /// Output tokens the reservation covers; a stream past it must extend the reservation or
+    /// be cut (None when nothing limits the account).
+    pub reserved_output_tokens: Option<u64>,
+    pub alerts: Option<AlertRoute>,
+}
+
+/// Where an account's alerts go.
+pub struct AlertRoute {
+    pub alerter: Arc<Alerter>,
+    pub key_id: Arc<str>,
+    pub targets: Vec<String>,
+}
+
+impl Billing {
+    /// Prices the record's usage, settles the account, fills the record's cost fields and
+    /// announces crossed thresholds.
+    pub fn settle(mut self, record: &mut UsageRecord, now: chrono::DateTime<chrono::Utc>) {
+        let rated_book = match (&self.price, record.outcome.is_billable()) {
+            (Some(price), true) => price.rate(&record.usage, record.upstream_total_us),
+            _ => 0,
+        };
+        let settlement = match self.reservation.take() {
+            Some(r) => r.settle(rated_book, now),
+            None => crate::balance::settle_account(
+                &self.account,
+                &self.policy,
+                rated_book,
+                0,
+                0,
+                0,
+                now,
+            ),
+        };
+        record.cost = Some(from_nanos(settlement.charge));
+        record.rated_cost = Some(from_nanos(settlement.rated));
+        record.unit = Some(self.policy.unit.clone());
+        if let Some(route) = &self.alerts {
+            route.announce(&self.policy, &self.account, settlement.crossings);
+        }
+        if let Some(grant) = settlement.topup {
+            tracing::info!(
+                account = %self.policy.id,
+                grant = %grant.id,
+                amount = %from_nanos(grant.amount),
+                "automatic top-up added"
+            );
+        }
+    }
+}
+
+impl AlertRoute {
+    pub fn announce(
+        &self,
+        policy: &AccountPolicy,
+        account: &AccountState,
+        crossings: Vec<Crossing>,
+    ) {
+        if self.targets.is_empty() {
+            return;
+        }
+        for c in crossings {
+            let (kind, value, limit, threshold, message) = match c {
+                Crossing::SpendThreshold {
+                    fraction,
+                    spend,
+                    cap,
+                } => (
+                    AlertKind::SpendThreshold,
+                    spend,
+                    Some(cap),
+                    Some(fraction),
+                    format!(
+                        "spend reached {}% of the period's hard cap",
+                        fraction * rust_decimal::Decimal::from(100)
+                    ),
+                ),
+                Crossing::AllowanceThreshold {
+                    fraction,
+                    used,
+                    included,
+                } => (
+                    AlertKind::AllowanceThreshold,
+                    used,
+                    Some(included),
+                    Some(fraction),
+                    format!(
+                        "usage reached {}% of the plan's included allowance",
+                        fraction * rust_decimal::Decimal::from(100)
+                    ),
+                ),
+                Crossing::SoftCap { spend, cap } => (
+                    AlertKind::SoftCap,
+                    spend,
+                    Some(cap),
+                    None,
+                    "spend reached the soft cap".to_string(),
+                ),
+                Crossing::LowBalance { balance, threshold } => (
+                    AlertKind::LowBalance,
+                    balance,
+                    Some(threshold),
+                    None,
+                    "the prepaid balance is low".to_string(),
+                ),
+                Crossing::AutoTopUp {
+                    grant_id,
+                    amount,
+                    balance: _,
+                } => (
+                    AlertKind::AutoTopUp,
+                    amount,
+                    None,
+                    None,
+                    format!("automatic top-up `{grant_id}` added"),
+                ),
+            };
+            let mut event = AlertEvent::new(
+                kind,
+                policy.id.to_string(),
+                from_nanos(value).to_string(),
+                policy.unit.clone(),
+                message,
+            );
+            event.key_id = Some(self.key_id.to_string());
+            event.limit = limit.map(|l| from_nanos(l).to_string());
+            event.threshold = threshold.map(|t| t.normalize().to_string());
+            event.period_start = Some(account.view(policy).period_start);
+            self.alerter.send(event, self.targets.clone());
+        }
+    }
 }
 
 enum Mode {
@@ -82,7 +225,15 @@ pub struct Meter {
     status: u16,
     usage: StreamUsage,
     stream_error: bool,
+    /// Data events seen in a stream: the mid-stream budget check counts one output token
+    /// per event (the exact charge after a cut comes from the tokenizer).
+    events_seen: u64,
+    /// The account cannot afford more output: end the stream.
+    cut: bool,
 }
+
+/// Output tokens added to a stream's reservation each time it runs past it.
+const STREAM_EXTENSION_TOKENS: u64 = 256;
 
 impl Meter {
     /// Starts timing; call right before the request is sent upstream.
@@ -95,7 +246,55 @@ impl Meter {
             status: 0,
             usage: StreamUsage::default(),
             stream_error: false,
+            events_seen: 0,
+            cut: false,
         }
+    }
+
+    /// Whether the stream must end now because the account ran out (checked per chunk).
+    pub fn is_cut(&self) -> bool {
+        self.cut
+    }
+
+    /// Counts stream events against the reservation; extends it in steps, or cuts.
+    fn check_stream_budget(&mut self, new_events: u64) {
+        self.events_seen += new_events;
+        let Some(start) = self.start.as_mut() else {
+            return;
+        };
+        let billing = &mut start.billing;
+        let (Some(covered), Some(price), Some(reservation)) = (
+            billing.reserved_output_tokens.as_mut(),
+            billing.price.as_ref(),
+            billing.reservation.as_mut(),
+        ) else {
+            return;
+        };
+        while self.events_seen > *covered {
+            let extra = billing
+                .policy
+                .reservation_for(price.worst_case(0, STREAM_EXTENSION_TOKENS));
+            match reservation.extend(extra, chrono::Utc::now()) {
+                Ok(()) => *covered += STREAM_EXTENSION_TOKENS,
+                Err(_) => {
+                    self.cut = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends a stream the account cannot afford: the final error event to send.
+    pub fn on_cut(&mut self) -> Option<Bytes> {
+        let dialect = self.start.as_ref()?.dialect;
+        let message =
+            "the account's balance or spend cap cannot cover more output; the stream was cut";
+        let event = match dialect {
+            Dialect::OpenAi => openai::error_event(ErrorKind::Billing, message),
+            Dialect::Anthropic => anthropic::error_event(ErrorKind::Billing, message),
+        };
+        self.finish(Outcome::CutOff);
+        Some(event)
     }
 
     pub fn record_id(&self) -> Option<uuid::Uuid> {
@@ -178,10 +377,12 @@ impl Meter {
             } => {
                 let usage = &mut self.usage;
                 let stream_error = &mut self.stream_error;
+                let mut events = 0;
                 let (endpoint, dialect) = (start.endpoint, start.dialect);
                 let out = if *hide_usage_chunk {
                     let mut kept = BytesMut::with_capacity(data.len());
                     parser.feed(&data, |block| {
+                        events += u64::from(block.data.is_some());
                         let facts = observe(endpoint, dialect, &block, usage);
                         *stream_error |= facts.error;
                         if !facts.usage_only {
@@ -191,6 +392,7 @@ impl Meter {
                     kept.freeze()
                 } else {
                     parser.feed(&data, |block| {
+                        events += u64::from(block.data.is_some());
                         let facts = observe(endpoint, dialect, &block, usage);
                         *stream_error |= facts.error;
                     });
@@ -201,6 +403,9 @@ impl Meter {
                     retained.push(data);
                 } else {
                     *unretained_bytes += data.len() as u64;
+                }
+                if events > 0 {
+                    self.check_stream_budget(events);
                 }
                 out
             }
@@ -279,8 +484,14 @@ impl Meter {
             upstream_ttfb_us: self.ttfb_us,
             upstream_total_us: total_us,
             dimensions: start.dimensions,
+            cost: None,
+            rated_cost: None,
+            unit: None,
+            metric: None,
+            quantity: None,
         };
         let ledger = start.ledger;
+        let billing = start.billing;
         let (endpoint, dialect) = (start.endpoint, start.dialect);
         let fallback = match mode {
             Mode::Opaque => None,
@@ -327,11 +538,15 @@ impl Meter {
             }
         };
         match fallback {
-            None => ledger.submit(record),
+            None => {
+                billing.settle(&mut record, chrono::Utc::now());
+                ledger.submit(record);
+            }
             Some(fallback) => {
                 record.estimated = true;
                 let run = move || {
                     record.usage = fallback.estimate(endpoint, dialect, record.model.as_deref());
+                    billing.settle(&mut record, chrono::Utc::now());
                     ledger.submit(record);
                 };
                 match tokio::runtime::Handle::try_current() {
@@ -505,7 +720,10 @@ where
                         let out = this.meter.on_data(data);
                         // A body of known length is done once its last byte arrives; the
                         // server may not poll again, so settle now rather than on drop.
-                        if this.inner.is_end_stream() {
+                        if this.meter.is_cut() {
+                            this.ended = true;
+                            this.trailer = this.meter.on_cut();
+                        } else if this.inner.is_end_stream() {
                             this.ended = true;
                             this.trailer = this.meter.on_end();
                         }

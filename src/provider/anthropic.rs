@@ -138,6 +138,8 @@ fn kind_string(kind: ErrorKind) -> &'static str {
         ErrorKind::RequestTooLarge => "request_too_large",
         ErrorKind::Upstream | ErrorKind::Internal => "api_error",
         ErrorKind::Timeout => "timeout_error",
+        ErrorKind::Billing => "billing_error",
+        ErrorKind::RateLimit => "rate_limit_error",
     }
 }
 

@@ -154,6 +154,10 @@ pub enum ErrorKind {
     RequestTooLarge,
     Upstream,
     Timeout,
+    /// The account cannot pay (cap, balance, top-up): 402.
+    Billing,
+    /// A rate limit: 429.
+    RateLimit,
     Internal,
 }
 

@@ -313,6 +313,8 @@ fn kind_strings(kind: ErrorKind) -> (&'static str, Option<&'static str>) {
         ErrorKind::RequestTooLarge => ("invalid_request_error", Some("request_too_large")),
         ErrorKind::Upstream => ("server_error", Some("upstream_unavailable")),
         ErrorKind::Timeout => ("server_error", Some("upstream_timeout")),
+        ErrorKind::Billing => ("insufficient_quota", Some("insufficient_quota")),
+        ErrorKind::RateLimit => ("requests", Some("rate_limit_exceeded")),
         ErrorKind::Internal => ("server_error", None),
     }
 }

@@ -18,10 +18,17 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::alert::Alerter;
+use crate::balance::throttle::KeyThrottle;
+use crate::balance::{AccountState, Balances, Refusal};
 use crate::config::Dialect;
 use crate::error::GatewayError;
 use crate::ledger::{Dimensions, Ledger, Outcome};
-use crate::meter::{Meter, MeterStart, MeteredBody};
+use crate::meter::{AlertRoute, Billing, Meter, MeterStart, MeteredBody, estimate_prompt};
 use crate::provider::{Endpoint, RequestFacts, openai};
 use snapshot::{ApiKey, Snapshot, Upstream};
 
@@ -52,6 +59,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub ledger: Arc<Ledger>,
+    pub balances: Balances,
+    pub throttles: DashMap<Arc<str>, Arc<KeyThrottle>>,
+    pub alerter: Option<Arc<Alerter>>,
+    /// Origin of the monotonic clock the throttles run on.
+    pub clock: Instant,
 }
 
 /// The response body type of the data plane.
@@ -168,6 +180,11 @@ impl Gateway {
 
         let upstream_req = build_upstream_request(&parts, &upstream, upstream_body, endpoint)?;
 
+        // Admit: throttle, then reserve the worst-case cost before the upstream is paid.
+        let billing = self
+            .admit(&snapshot, &key, endpoint, dialect, &facts, &body, timestamp)
+            .await?;
+
         // From here on, every path ends in exactly one usage record.
         let mut meter = Meter::new(MeterStart {
             ledger: self.ledger.clone(),
@@ -184,6 +201,7 @@ impl Gateway {
             request_body: body,
             max_metered_response_bytes: snapshot.config.server.max_metered_response_bytes,
             hide_usage_chunk,
+            billing,
         });
         drop(snapshot);
 
@@ -230,6 +248,144 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Admission: rate limits, slow-down near the cap, and the worst-case reservation.
+    #[allow(clippy::too_many_arguments)]
+    async fn admit(
+        &self,
+        snapshot: &Snapshot,
+        key: &Arc<ApiKey>,
+        endpoint: Endpoint,
+        dialect: Dialect,
+        facts: &RequestFacts,
+        body: &Bytes,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Billing, GatewayError> {
+        let policy = key.policy.clone();
+        let account = self.balances.account(&policy, now);
+        let price = facts
+            .model
+            .as_deref()
+            .and_then(|m| snapshot.config.prices.price_for(m))
+            .cloned();
+        let output_tokens = match endpoint {
+            Endpoint::Embeddings | Endpoint::Other => 0,
+            _ => facts
+                .max_output_tokens
+                .unwrap_or(snapshot.config.reservation.default_output_tokens),
+        };
+        let cheap_input =
+            body.len() as u64 / snapshot.config.reservation.prompt_bytes_per_token + 1;
+        self.throttle(key, &account, cheap_input + output_tokens)?;
+
+        let mut reservation = None;
+        let mut reserved_output_tokens = None;
+        if policy.is_limited()
+            && endpoint != Endpoint::Other
+            && let Some(price) = &price
+        {
+            let amount = policy.reservation_for(price.worst_case(cheap_input, output_tokens));
+            let reserved = match account.reserve(&policy, amount, now) {
+                Ok(r) => r,
+                Err(refusal @ (Refusal::HardCap { .. } | Refusal::InsufficientBalance { .. })) => {
+                    // Close to the limit the cheap estimate may refuse a request the account
+                    // can afford: count the prompt exactly (off the runtime threads) and retry.
+                    let model = facts.model.clone().unwrap_or_default();
+                    let request = body.clone();
+                    let exact = tokio::task::spawn_blocking(move || {
+                        estimate_prompt(endpoint, dialect, &model, &request)
+                    })
+                    .await
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                    if exact >= cheap_input {
+                        return Err(refusal.into());
+                    }
+                    let amount = policy.reservation_for(price.worst_case(exact, output_tokens));
+                    account.reserve(&policy, amount, now)?
+                }
+                Err(refusal) => return Err(refusal.into()),
+            };
+            reservation = Some(reserved);
+            reserved_output_tokens = Some(output_tokens);
+        }
+        let alerts = self.alerter.as_ref().map(|alerter| AlertRoute {
+            alerter: alerter.clone(),
+            key_id: key.id.clone(),
+            targets: policy
+                .webhooks
+                .iter()
+                .cloned()
+                .chain(key.owner_webhook.clone())
+                .collect(),
+        });
+        Ok(Billing {
+            price,
+            account,
+            policy,
+            reservation,
+            reserved_output_tokens,
+            alerts,
+        })
+    }
+
+    /// Per-key request and token rates, and the slow-down near the account's cap.
+    fn throttle(
+        &self,
+        key: &ApiKey,
+        account: &AccountState,
+        tokens: u64,
+    ) -> Result<(), GatewayError> {
+        let slowdown = key
+            .policy
+            .slowdown
+            .as_ref()
+            .filter(|s| account.cap_used_ppb(&key.policy) >= s.at_ppb);
+        if key.rpm.is_none() && key.tpm.is_none() && slowdown.is_none() {
+            return Ok(());
+        }
+        let throttle = match self.throttles.get(&key.id) {
+            Some(t) => t.clone(),
+            None => self
+                .throttles
+                .entry(key.id.clone())
+                .or_insert_with(|| Arc::new(KeyThrottle::default()))
+                .clone(),
+        };
+        let now = u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let limited = |limit: String, wait: std::time::Duration| GatewayError::RateLimited {
+            limit,
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+        };
+        if let Some(rpm) = key.rpm {
+            throttle
+                .requests
+                .check(now, rpm, 1)
+                .map_err(|w| limited(format!("{rpm} requests per minute for this key"), w))?;
+        }
+        if let Some(tpm) = key.tpm {
+            throttle
+                .tokens
+                .check(now, tpm, tokens)
+                .map_err(|w| limited(format!("{tpm} tokens per minute for this key"), w))?;
+        }
+        if let Some(s) = slowdown {
+            throttle
+                .slowdown
+                .check(now, u64::from(s.rpm), 1)
+                .map_err(|w| {
+                    limited(
+                        format!(
+                            "{} requests per minute while spend is near the account's cap",
+                            s.rpm
+                        ),
+                        w,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+}
+
 fn error_response(e: &GatewayError, dialect: Dialect) -> Response<GatewayBody> {
     let (status, body) = e.render(dialect);
     let mut response = Response::new(GatewayBody::full(body));
@@ -238,6 +394,11 @@ fn error_response(e: &GatewayError, dialect: Dialect) -> Response<GatewayBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let GatewayError::RateLimited { retry_after_ms, .. } = e
+        && let Ok(v) = HeaderValue::from_str(&retry_after_ms.div_ceil(1000).to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     response
 }
 

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::balance::AccountPolicy;
 use crate::config::{Config, Dialect, ModelMatch, UpstreamConfig};
 
 /// How long an idle pooled upstream connection is kept.
@@ -29,6 +30,11 @@ pub struct ApiKey {
     pub id: Arc<str>,
     pub account: Arc<str>,
     pub disabled: bool,
+    /// The account's limits and billing rules (unlimited when config does not list it).
+    pub policy: Arc<AccountPolicy>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub owner_webhook: Option<String>,
 }
 
 /// An upstream with its connection pool and ready-made credential header.
@@ -69,6 +75,14 @@ impl Snapshot {
                         id: Arc::from(k.id.as_str()),
                         account: Arc::from(k.account.as_str()),
                         disabled: k.disabled,
+                        policy: config
+                            .accounts
+                            .get(&k.account)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(AccountPolicy::unlimited(&k.account))),
+                        rpm: k.rpm,
+                        tpm: k.tpm,
+                        owner_webhook: k.owner_webhook.clone(),
                     }),
                 )
             })

@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# Load benchmark: tollgate (full metering, 10,000 keys, journal on) against nginx as a plain
+# pass-through reverse proxy (the baseline), both in front of the same mock upstream
+# (`tollgate-mock`), driven by the same wrk load. One command:
+#
+#   benches/load.sh
+#
+# What it does
+#   1. Installs what is missing (Debian): wrk, nginx (apt-get update once, then install).
+#      Without nginx it still measures tollgate, with no baseline.
+#   2. cargo build --release --bins (CARGO_TARGET_DIR respected, default target/).
+#   3. Starts on loopback, on free ports: the mock (1 worker thread), tollgate (generated
+#      config with NKEYS keys = sha256("tg-bench-<i>"), journal in a temp dir, upstream = the
+#      mock, --worker-threads 1) and nginx (worker_processes 1, upstream keepalive 512,
+#      proxy_buffering off, access_log off, non-daemon, temp prefix: benches/load/nginx.conf.in).
+#   4. Per scenario -- `chat` (non-streaming, max_tokens 16) and `stream` (SSE, max_tokens 50:
+#      50 word events + prelude/finish/[DONE]) -- fresh proxies, a warm-up run against each,
+#      then ROUNDS x (baseline, tollgate) alternating, so machine noise hits both; medians.
+#      Every request carries `Authorization: Bearer tg-bench-<random i>` (benches/load/chat.lua);
+#      nginx ignores it, tollgate authenticates, routes, meters and journals it.
+#   5. Reports req/s, p50/p90/p99/p99.9 latency (wrk's histogram, µs), proxy CPU seconds
+#      (utime+stime from /proc/PID/stat; nginx = master + worker), CPU per request, peak RSS
+#      (VmHWM; nginx: the worker), CPU utilisation of proxy/mock/wrk, tollgate/baseline req/s
+#      ratio and added p99. Checks that wrk saw no errors or non-2xx responses, that the
+#      proxies stayed up, and that tollgate's journal grew by at least the requests wrk completed.
+#   6. LATENCY_AT_HALF=1 (default): both proxies again at a constant rate of half tollgate's
+#      median max req/s (per scenario); target: tollgate adds <= 100 µs to the baseline's p99.
+#      Debian ships no wrk2, and hey (-q) prints latencies rounded to 100 µs, too coarse for
+#      that target, so wrk paces the rate itself through a Lua delay() hook (see chat.lua).
+#   Markdown report on stdout; everything as JSON in $CARGO_TARGET_DIR/load-bench.json.
+#   Exits 1 when a check failed. Loopback only; every step has a time bound; every process it
+#   started is stopped on exit, Ctrl-C or failure. KEEP_WORK=1 keeps the temp dir (logs).
+#
+# CPU pinning (taskset), 2 cores: the proxy under test gets core 0 to itself; the mock and
+# wrk share core 1. Both proxies get the same treatment, and all of a proxy's threads
+# (tollgate's runtime worker + journal writer; nginx's master + worker) live on core 0, so no
+# part of its cost hides on the other core. The "CPU util" column shows which core saturates:
+# proxy ~100% means the proxy is the bottleneck; mock + wrk ~100% together means core 1 is,
+# and then the req/s ratio understates the proxy's cost (compare CPU µs/req instead). With
+# >= 3 cores: proxy 0, mock 1, wrk 2. With 1 core: unpinned. Override with PROXY_CPUS,
+# MOCK_CPUS, LOAD_CPUS (taskset -c lists; empty = unpinned).
+#
+# Environment (defaults): DURATION (10s) CONNECTIONS (32) THREADS (1, wrk -t) ROUNDS (2)
+#   WARMUP (3s) NKEYS (10000) SCENARIOS (chat,stream) LATENCY_AT_HALF (1)
+#   HALF_DURATION (= DURATION) CARGO_TARGET_DIR (target) SKIP_BUILD (0; 1 = use the binaries
+#   already built in $CARGO_TARGET_DIR/release)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+cd "$ROOT"
+LOAD_DIR="$HERE/load"
+
+DURATION="${DURATION:-10s}"
+CONNECTIONS="${CONNECTIONS:-32}"
+THREADS="${THREADS:-1}"
+ROUNDS="${ROUNDS:-2}"
+WARMUP="${WARMUP:-3s}"
+NKEYS="${NKEYS:-10000}"
+SCENARIOS="${SCENARIOS:-chat,stream}"
+LATENCY_AT_HALF="${LATENCY_AT_HALF:-1}"
+HALF_DURATION="${HALF_DURATION:-$DURATION}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+BIN="$TARGET_DIR/release"
+OUT_JSON="$TARGET_DIR/load-bench.json"
+UPSTREAM_KEY="sk-bench-upstream"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 2; }
+
+# Whole seconds in "10s", "2m", "10".
+secs() {
+  case "$1" in
+    *ms) echo 1 ;;
+    *s) echo "${1%s}" ;;
+    *m) echo $(( ${1%m} * 60 )) ;;
+    *h) echo $(( ${1%h} * 3600 )) ;;
+    *) echo "$1" ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tools.
+# ---------------------------------------------------------------------------------------------
+find_nginx() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+[ -n "$(find_nginx)" ] || missing+=(nginx)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing ${missing[*]} (apt-get)"
+    # Keep the package from starting a system nginx on port 80 (policy-rc.d 101 = "don't").
+    policy_added=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      policy_added=1
+    fi
+    timeout 300 apt-get update -qq || log "apt-get update failed"
+    for p in "${missing[@]}"; do
+      DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq "$p" >/dev/null \
+        || log "could not install $p"
+    done
+    if [ -n "$policy_added" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  else
+    log "missing ${missing[*]} and cannot apt-get install (not root, or not Debian)"
+  fi
+fi
+command -v wrk >/dev/null 2>&1 || die "wrk is required"
+command -v python3 >/dev/null 2>&1 || die "python3 is required (config generation, report)"
+NGINX="$(find_nginx)"
+[ -n "$NGINX" ] || log "nginx unavailable: measuring tollgate only, NO BASELINE"
+
+# ---------------------------------------------------------------------------------------------
+# 2. Build.
+# ---------------------------------------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  log "SKIP_BUILD=1: using the binaries already in $BIN"
+else
+  log "cargo build --release --bins (target dir: $TARGET_DIR)"
+  timeout 1800 cargo build --release --bins --quiet
+fi
+[ -x "$BIN/tollgate" ] && [ -x "$BIN/tollgate-mock" ] || die "binaries not found in $BIN"
+
+# ---------------------------------------------------------------------------------------------
+# Pinning.
+# ---------------------------------------------------------------------------------------------
+NCPU="$(nproc)"
+if [ "$NCPU" -ge 3 ]; then def_proxy=0 def_mock=1 def_load=2
+elif [ "$NCPU" -eq 2 ]; then def_proxy=0 def_mock=1 def_load=1
+else def_proxy="" def_mock="" def_load=""
+fi
+PROXY_CPUS="${PROXY_CPUS-$def_proxy}"
+MOCK_CPUS="${MOCK_CPUS-$def_mock}"
+LOAD_CPUS="${LOAD_CPUS-$def_load}"
+if ! command -v taskset >/dev/null 2>&1; then
+  PROXY_CPUS="" MOCK_CPUS="" LOAD_CPUS=""
+  log "no taskset: unpinned"
+fi
+# Command prefixes (arrays, not functions: `prefix cmd &` must make $! the process itself).
+PIN_PROXY=() PIN_MOCK=() PIN_LOAD=()
+if [ -n "$PROXY_CPUS" ]; then PIN_PROXY=(taskset -c "$PROXY_CPUS"); fi
+if [ -n "$MOCK_CPUS" ]; then PIN_MOCK=(taskset -c "$MOCK_CPUS"); fi
+if [ -n "$LOAD_CPUS" ]; then PIN_LOAD=(taskset -c "$LOAD_CPUS"); fi
+
+# ---------------------------------------------------------------------------------------------
+# Processes and cleanup.
+# ---------------------------------------------------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")"
+chmod 755 "$WORK"  # nginx workers run as nobody when started by root
+PIDS=()
+LOAD_PID=""
+
+stop_pid() {
+  local pid="$1"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? pid
+  trap - EXIT INT TERM
+  if [ -n "$LOAD_PID" ]; then stop_pid "$LOAD_PID"; fi
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  if [ -n "${KEEP_WORK:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log interrupted; exit 130' INT
+trap 'exit 143' TERM
+
+# Snapshot the binaries: a concurrent cargo build must not swap them between runs.
+mkdir "$WORK/bin"
+cp "$BIN/tollgate" "$BIN/tollgate-mock" "$WORK/bin/"
+BIN="$WORK/bin"
+
+forget_pid() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# CPU clock ticks (utime + stime, all threads) of the given pids, summed.
+cpu_ticks() {
+  local total=0 pid stat
+  for pid in "$@"; do
+    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || continue
+    stat="${stat##*) }"
+    total=$(( total + $(echo "$stat" | awk '{print $12 + $13}') ))
+  done
+  echo "$total"
+}
+# Busy clock ticks of the whole machine (all CPUs) from /proc/stat.
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+CLK_TCK="$(getconf CLK_TCK)"
+children() { cat /proc/"$1"/task/*/children 2>/dev/null | xargs echo || true; }
+
+# The mock: one for the whole benchmark.
+log "starting tollgate-mock (1 worker thread, CPUs ${MOCK_CPUS:-any})"
+"${PIN_MOCK[@]}" "$BIN/tollgate-mock" --listen 127.0.0.1:0 --worker-threads 1 \
+  --openai-key "$UPSTREAM_KEY" --anthropic-key "$UPSTREAM_KEY" >"$WORK/mock.log" 2>&1 &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+MOCK_ADDR=""
+for _ in $(seq 1 100); do
+  MOCK_ADDR="$(sed -n 's#^tollgate-mock listening on http://##p' "$WORK/mock.log")"
+  [ -n "$MOCK_ADDR" ] && break
+  kill -0 "$MOCK_PID" 2>/dev/null || { cat "$WORK/mock.log" >&2; die "the mock exited"; }
+  sleep 0.1
+done
+[ -n "$MOCK_ADDR" ] || die "the mock did not report its address"
+
+log "generating the tollgate config ($NKEYS keys)"
+JOURNAL="$WORK/journal/usage.jsonl"
+mkdir -p "$WORK/journal"
+python3 "$LOAD_DIR/gen-config.py" "$WORK/tollgate.toml" "$MOCK_ADDR" "$JOURNAL" "$NKEYS"
+BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "$BIN/tollgate" check-config "$WORK/tollgate.toml" >/dev/null
+
+TG_PID="" TG_ADDR="" NGX_PID="" NGX_ADDR="" NGX_WORKERS=""
+start_tollgate() {
+  local logf="$WORK/tollgate-$1.log"
+  BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "${PIN_PROXY[@]}" "$BIN/tollgate" serve \
+    --config "$WORK/tollgate.toml" --worker-threads 1 --log-format json >"$logf" 2>&1 &
+  TG_PID=$!
+  PIDS+=("$TG_PID")
+  TG_ADDR=""
+  for _ in $(seq 1 150); do
+    TG_ADDR="$(sed -n 's/.*"message":"tollgate listening","addr":"\([^"]*\)".*/\1/p' "$logf" 2>/dev/null)"
+    [ -n "$TG_ADDR" ] && return 0
+    kill -0 "$TG_PID" 2>/dev/null || { cat "$logf" >&2; die "tollgate exited"; }
+    sleep 0.1
+  done
+  die "tollgate did not report its address"
+}
+start_nginx() {
+  local prefix="$WORK/nginx-$1" port
+  mkdir -p "$prefix"
+  port="$(free_port)"
+  sed -e "s#@PREFIX@#$prefix#g" -e "s#@LISTEN@#127.0.0.1:$port#g" -e "s#@UPSTREAM@#$MOCK_ADDR#g" \
+    -e "s#@UPSTREAM_KEY@#$UPSTREAM_KEY#g" \
+    "$LOAD_DIR/nginx.conf.in" >"$prefix/nginx.conf"
+  "${PIN_PROXY[@]}" "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log" \
+    >"$prefix/stdout.log" 2>&1 &
+  NGX_PID=$!
+  PIDS+=("$NGX_PID")
+  NGX_ADDR="127.0.0.1:$port"
+  for _ in $(seq 1 100); do
+    NGX_WORKERS="$(children "$NGX_PID")"
+    if port_open "$port" && [ -n "$NGX_WORKERS" ]; then return 0; fi
+    kill -0 "$NGX_PID" 2>/dev/null || { cat "$prefix/error.log" "$prefix/stdout.log" >&2; die "nginx exited"; }
+    sleep 0.1
+  done
+  die "nginx did not start"
+}
+stop_proxy() {
+  [ -n "$1" ] || return 0
+  stop_pid "$1"
+  forget_pid "$1"
+}
+
+journal_lines() { if [ -f "$JOURNAL" ]; then wc -l <"$JOURNAL"; else echo 0; fi; }
+# Waits (10 s at most) until the journal holds at least $1 lines and has stopped growing.
+journal_settle() {
+  local want="$1" n last=-1 stable=0
+  for _ in $(seq 1 100); do
+    n="$(journal_lines)"
+    if [ "$n" -ge "$want" ] && [ "$n" = "$last" ]; then
+      stable=$((stable + 1))
+      [ "$stable" -ge 3 ] && break
+    else
+      stable=0
+    fi
+    last="$n"
+    sleep 0.1
+  done
+  journal_lines
+}
+
+# ---------------------------------------------------------------------------------------------
+# One wrk run. Args: kind (warmup|max|half) scenario target round duration rate (0 = max).
+# Measured runs append one JSON line to runs.jsonl.
+# ---------------------------------------------------------------------------------------------
+RUNS="$WORK/runs.jsonl"
+: >"$RUNS"
+run_wrk() {
+  local kind="$1" sc="$2" target="$3" round="$4" dur="$5" rate="$6"
+  local addr pids stream max_tokens
+  case "$sc" in
+    chat) stream=0 max_tokens=16 ;;
+    stream) stream=1 max_tokens=50 ;;
+    *) die "unknown scenario $sc (chat, stream)" ;;
+  esac
+  if [ "$target" = tollgate ]; then addr="$TG_ADDR" pids="$TG_PID"
+  else addr="$NGX_ADDR" pids="$NGX_PID $NGX_WORKERS"; fi
+  local out="$WORK/wrk-$kind-$sc-$target-$round.out" p0 m0 j0
+  # shellcheck disable=SC2086
+  p0="$(cpu_ticks $pids)"
+  m0="$(cpu_ticks "$MOCK_PID")"
+  j0="$(journal_lines)"
+  local b0; b0="$(machine_busy_ticks)"
+  # sh reaps wrk, then prints its own stat line, whose cutime + cstime are wrk's CPU use.
+  BENCH_NKEYS="$NKEYS" BENCH_STREAM="$stream" BENCH_MAX_TOKENS="$max_tokens" \
+  BENCH_RATE="$rate" BENCH_THREADS="$THREADS" \
+    "${PIN_LOAD[@]}" timeout -k 5 $(( $(secs "$dur") + 60 )) \
+    sh -c '"$@"; rc=$?; echo "LOADSTAT $(cat /proc/$$/stat)"; exit $rc' sh \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s -s "$LOAD_DIR/chat.lua" \
+    "http://$addr/v1/chat/completions" >"$out" 2>&1 &
+  LOAD_PID=$!
+  local rc=0
+  wait "$LOAD_PID" || rc=$?
+  LOAD_PID=""
+  local p1 m1 alive=true pid
+  # shellcheck disable=SC2086
+  p1="$(cpu_ticks $pids)"
+  m1="$(cpu_ticks "$MOCK_PID")"
+  local b1; b1="$(machine_busy_ticks)"
+  for pid in $pids; do kill -0 "$pid" 2>/dev/null || alive=false; done
+  local wrkjson
+  wrkjson="$(sed -n 's/^LOADJSON //p' "$out")"
+  if [ "$rc" != 0 ] || [ -z "$wrkjson" ]; then
+    cat "$out" >&2
+    die "wrk failed against $target ($kind/$sc, exit $rc)"
+  fi
+  local load_ticks
+  load_ticks="$(sed -n 's/^LOADSTAT .*) //p' "$out" | awk '{print $14 + $15}')"
+  local rss jd=null reqs jstats=null
+  if [ "$target" = tollgate ]; then
+    rss="$(hwm_kb "$TG_PID")"
+    reqs="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$wrkjson")"
+    jd=$(( $(journal_settle $(( j0 + reqs ))) - j0 ))
+    # The new records: outcomes, and completed ones whose output tokens are not max_tokens.
+    jstats="$(tail -n +"$(( j0 + 1 ))" "$JOURNAL" | python3 -c '
+import collections, json, sys
+want = int(sys.argv[1]); outcomes = collections.Counter(); wrong = 0; keys = set()
+for line in sys.stdin:
+    r = json.loads(line)
+    outcomes[r["outcome"]] += 1
+    keys.add(r["key_id"])
+    if r["outcome"] == "completed" and (r["status"] != 200 or r["output_tokens"] != want):
+        wrong += 1
+print(json.dumps({"outcomes": outcomes, "completed_wrong_tokens": wrong, "distinct_keys": len(keys)}))
+' "$max_tokens")"
+  else
+    rss="$(hwm_kb "${NGX_WORKERS%% *}")"
+  fi
+  [ "$kind" = warmup ] && return 0
+  printf '{"kind":"%s","scenario":"%s","target":"%s","round":%s,"rate":%s,"proxy_cpu_s":%s,"mock_cpu_s":%s,"load_cpu_s":%s,"machine_busy_s":%s,"proxy_rss_kb":%s,"journal_delta":%s,"journal":%s,"alive":%s,"wrk":%s}\n' \
+    "$kind" "$sc" "$target" "$round" "$rate" \
+    "$(awk -v a="$p0" -v b="$p1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
+    "$(awk -v a="$m0" -v b="$m1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
+    "$(awk -v a="${load_ticks:-0}" -v t="$CLK_TCK" 'BEGIN{print a/t}')" \
+    "$(awk -v a="$b0" -v b="$b1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
+    "${rss:-0}" "$jd" "$jstats" "$alive" "$wrkjson" >>"$RUNS"
+  python3 - "$RUNS" <<'EOF' >&2
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+w = r["wrk"]; lat = w["latency_us"]; e = sum(w["errors"].values())
+print(f"    {r['kind']:4} {r['scenario']:6} {r['target']:8} round {r['round']}: "
+      f"{w['requests'] / (w['duration_us'] / 1e6):8.0f} req/s  p50 {lat['p50']} µs  "
+      f"p99 {lat['p99']} µs  errors {e}"
+      + (f"  journal +{r['journal_delta']} {dict(r['journal']['outcomes'])}" if r["journal"] else ""))
+EOF
+}
+
+# Median req/s of a scenario's tollgate max runs.
+tollgate_max_rps() {
+  python3 - "$RUNS" "$1" <<'EOF'
+import json, statistics, sys
+rps = [r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+       for r in map(json.loads, open(sys.argv[1]))
+       if r["kind"] == "max" and r["scenario"] == sys.argv[2] and r["target"] == "tollgate"]
+print(int(statistics.median(rps)) if rps else 0)
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# 3-5. The runs.
+# ---------------------------------------------------------------------------------------------
+targets=(tollgate)
+if [ -n "$NGINX" ]; then targets=(baseline tollgate); fi
+IFS=',' read -r -a scenario_list <<<"$SCENARIOS"
+log "mock $MOCK_ADDR; wrk -t$THREADS -c$CONNECTIONS -d$DURATION x $ROUNDS rounds; CPUs: proxy ${PROXY_CPUS:-any}, mock ${MOCK_CPUS:-any}, wrk ${LOAD_CPUS:-any}"
+for sc in "${scenario_list[@]}"; do
+  # Fresh proxies per scenario, so peak RSS is per scenario.
+  start_tollgate "$sc"
+  if [ -n "$NGINX" ]; then start_nginx "$sc"; fi
+  log "scenario $sc: tollgate $TG_ADDR${NGINX:+, nginx $NGX_ADDR}; warm-up $WARMUP each"
+  for t in "${targets[@]}"; do run_wrk warmup "$sc" "$t" 0 "$WARMUP" 0; done
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in "${targets[@]}"; do run_wrk max "$sc" "$t" "$round" "$DURATION" 0; done
+  done
+  if [ "$LATENCY_AT_HALF" = 1 ]; then
+    half=$(( $(tollgate_max_rps "$sc") / 2 ))
+    log "scenario $sc: constant rate $half req/s (half of tollgate's max)"
+    for round in $(seq 1 "$ROUNDS"); do
+      for t in "${targets[@]}"; do run_wrk half "$sc" "$t" "$round" "$HALF_DURATION" "$half"; done
+    done
+  fi
+  stop_proxy "$TG_PID"
+  if [ -n "$NGINX" ]; then stop_proxy "$NGX_PID"; fi
+done
+
+# ---------------------------------------------------------------------------------------------
+# 6. Report.
+# ---------------------------------------------------------------------------------------------
+half_note=""
+[ "$LATENCY_AT_HALF" = 1 ] || half_note="Constant-rate latency at half throughput: skipped (LATENCY_AT_HALF=0)."
+[ -n "$NGINX" ] || half_note="No baseline: nginx could not be installed. $half_note"
+baseline_version="none"
+if [ -n "$NGINX" ]; then baseline_version="$("$NGINX" -v 2>&1 | sed 's/.*: //')"; fi
+cat >"$WORK/config.json" <<EOF
+{"duration": "$DURATION", "half_duration": "$HALF_DURATION", "connections": $CONNECTIONS,
+ "threads": $THREADS, "rounds": $ROUNDS, "warmup": "$WARMUP", "nkeys": $NKEYS,
+ "scenarios": "$SCENARIOS", "latency_at_half": $([ "$LATENCY_AT_HALF" = 1 ] && echo true || echo false),
+ "cpus": {"proxy": "$PROXY_CPUS", "mock": "$MOCK_CPUS", "load": "$LOAD_CPUS", "online": $NCPU},
+ "mock": "tollgate-mock --worker-threads 1", "tollgate": "tollgate serve --worker-threads 1",
+ "baseline": "$baseline_version", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
+ "half_note": "$half_note"}
+EOF
+mkdir -p "$TARGET_DIR"
+python3 "$LOAD_DIR/report.py" "$RUNS" "$OUT_JSON" "$WORK/config.json"
