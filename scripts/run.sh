@@ -9,6 +9,7 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 
 export TOLLGATE_OPENAI_KEY="${TOLLGATE_OPENAI_KEY:-sk-mock-openai}"
 export TOLLGATE_ANTHROPIC_KEY="${TOLLGATE_ANTHROPIC_KEY:-sk-mock-anthropic}"
+export TOLLGATE_ADMIN_TOKEN="${TOLLGATE_ADMIN_TOKEN:-local-admin-token-change-me}"
 "$BIN/tollgate-mock" --listen 127.0.0.1:9100 \
   --openai-key "$TOLLGATE_OPENAI_KEY" --anthropic-key "$TOLLGATE_ANTHROPIC_KEY" &
 MOCK=$!

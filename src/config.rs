@@ -874,6 +874,10 @@ fn validate_prices(
                 continue;
             }
         };
+        let label: Arc<str> = match &matcher {
+            ModelMatch::Exact(m) => Arc::from(m.as_str()),
+            ModelMatch::Prefix(p) => Arc::from(format!("{p}*").as_str()),
+        };
         let input = ppb(p.input_per_mtok, &format!("{at}.input_per_mtok"), problems);
         let output = ppb(
             p.output_per_mtok,
@@ -898,6 +902,7 @@ fn validate_prices(
             per_compute_second: p
                 .per_compute_second
                 .map_or(0, |d| ppb(d, &format!("{at}.per_compute_second"), problems)),
+            label,
         };
         book.models.push((matcher, price));
     }
@@ -1275,7 +1280,13 @@ mod tests {
         let env = HashMap::from([
             ("TOLLGATE_OPENAI_KEY".to_string(), "x".to_string()),
             ("TOLLGATE_ANTHROPIC_KEY".to_string(), "y".to_string()),
+            (
+                "TOLLGATE_ADMIN_TOKEN".to_string(),
+                "an-admin-token-of-length".to_string(),
+            ),
         ]);
-        Config::parse(EMBEDDED_CONFIG, &env).unwrap();
+        let c = Config::parse(EMBEDDED_CONFIG, &env).unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        assert!(c.prices.price_for("gpt-4o-mini-2024").is_some());
     }
 }

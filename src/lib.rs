@@ -12,12 +12,14 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin;
 pub mod alert;
 pub mod balance;
 pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod meter;
+pub mod metrics;
 pub mod mock;
 pub mod pricing;
 pub mod provider;
@@ -43,6 +45,7 @@ const ALERT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub struct GatewayBuilder {
     config: Config,
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
 }
 
 impl GatewayBuilder {
@@ -50,7 +53,14 @@ impl GatewayBuilder {
         Self {
             config,
             listen: None,
+            admin_listen: None,
         }
+    }
+
+    /// Overrides `admin.listen` (tests pass `127.0.0.1:0`); needs an `[admin]` section.
+    pub fn admin_listen(mut self, addr: SocketAddr) -> Self {
+        self.admin_listen = Some(addr);
+        self
     }
 
     /// Overrides `server.listen` (tests pass `127.0.0.1:0`).
@@ -67,6 +77,7 @@ impl GatewayBuilder {
         let ledger = Ledger::start(Box::new(journal), self.config.journal.channel_capacity)?;
         let listen = self.listen.unwrap_or(self.config.server.listen);
         let grace = self.config.server.shutdown_grace;
+        let admin_config = self.config.admin.clone();
         let snapshot = Snapshot::build(self.config)?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -86,16 +97,35 @@ impl GatewayBuilder {
             throttles: dashmap::DashMap::new(),
             alerter,
             clock: std::time::Instant::now(),
+            metrics: Arc::new(metrics::Metrics::default()),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let data_plane = server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx);
+        let data_plane =
+            server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
+        let (admin_addr, admin_task) = match admin_config {
+            Some(admin_config) => {
+                let at = self.admin_listen.unwrap_or(admin_config.listen);
+                let admin_listener = tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {at} (admin): {e}"))?;
+                let admin_addr = server::local_addr(&admin_listener)?;
+                let admin = Arc::new(admin::Admin::new(gateway.clone(), &admin_config.token));
+                let task = server::spawn_listener(admin_listener, grace, stop_rx, move |req| {
+                    admin.clone().handle(req)
+                });
+                (Some(admin_addr), Some(task))
+            }
+            None => (None, None),
+        };
         // Build the tokenizer ahead of the first fallback.
         tokio::task::spawn_blocking(meter::tokenizer::warm_up);
         Ok(RunningGateway {
             addr,
+            admin_addr,
             gateway,
             stop: stop_tx,
             data_plane,
+            admin_task,
         })
     }
 }
@@ -103,15 +133,22 @@ impl GatewayBuilder {
 /// A started gateway.
 pub struct RunningGateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     data_plane: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 impl RunningGateway {
     /// The data-plane address actually bound.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn ledger(&self) -> &Arc<Ledger> {
@@ -128,6 +165,11 @@ impl RunningGateway {
         let _ = self.stop.send(true);
         if let Err(e) = self.data_plane.await {
             tracing::error!(error = %e, "data plane task failed");
+        }
+        if let Some(task) = self.admin_task
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "admin task failed");
         }
         self.gateway.ledger.close().await;
         if let Some(alerter) = &self.gateway.alerter

@@ -130,7 +130,7 @@ fn serve(
             builder = builder.listen(addr);
         }
         let gateway = builder.start().await?;
-        tracing::info!(addr = %gateway.addr(), "tollgate listening");
+        tracing::info!(addr = %gateway.addr(), admin = ?gateway.admin_addr(), "tollgate listening");
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         gateway.shutdown().await;

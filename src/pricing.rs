@@ -70,6 +70,8 @@ pub struct ModelPrice {
     pub per_call: i64,
     /// Per second of upstream time (request sent → response complete).
     pub per_compute_second: i128,
+    /// The price-book entry's name for metrics (`gpt-4o`, `claude-*`).
+    pub label: std::sync::Arc<str>,
 }
 
 impl ModelPrice {
@@ -296,6 +298,7 @@ mod tests {
             reasoning_per_mtok: per_mtok("12"),
             per_call: to_nanos(d("0.0001")).unwrap(),
             per_compute_second: per_mtok("0.002"),
+            label: "gpt-4o".into(),
         };
         let usage = TokenUsage {
             input_tokens: 1000,
@@ -344,6 +347,7 @@ mod tests {
             reasoning_per_mtok: per_mtok("15"),
             per_call: 7,
             per_compute_second: 0,
+            label: "claude-*".into(),
         };
         let bound = p.worst_case(1000, 300);
         for cached in [0, 500, 1000] {

@@ -22,8 +22,28 @@ pub(crate) fn spawn_data_plane(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     grace: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    spawn_listener(listener, grace, stop, move |req| {
+        let gateway = gateway.clone();
+        async move { gateway.handle(req).await }
+    })
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains.
+pub(crate) fn spawn_listener<H, F, B>(
+    listener: TcpListener,
+    grace: Duration,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+) -> JoinHandle<()>
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
@@ -42,10 +62,10 @@ pub(crate) fn spawn_data_plane(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let gateway = gateway.clone();
+            let handler = handler.clone();
             let service = service_fn(move |req| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
+                let response = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);

@@ -128,6 +128,7 @@ account = ""
         .args(["check-config", "config/tollgate.toml"])
         .env("TOLLGATE_OPENAI_KEY", "x")
         .env("TOLLGATE_ANTHROPIC_KEY", "y")
+        .env("TOLLGATE_ADMIN_TOKEN", "an-admin-token-of-length")
         .output()
         .unwrap();
     assert!(

@@ -26,6 +26,7 @@ use crate::alert::{AlertEvent, AlertKind, Alerter};
 use crate::balance::{AccountPolicy, AccountState, Crossing, Reservation};
 use crate::config::Dialect;
 use crate::ledger::{Dimensions, Ledger, Outcome, UsageRecord};
+use crate::metrics::Metrics;
 use crate::pricing::{ModelPrice, from_nanos};
 use crate::provider::{self, Endpoint, ErrorKind, StreamUsage, TokenUsage, anthropic, openai};
 use sse::{SseBlock, SseParser};
@@ -68,6 +69,7 @@ pub struct Billing {
     /// be cut (None when nothing limits the account).
     pub reserved_output_tokens: Option<u64>,
     pub alerts: Option<AlertRoute>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Where an account's alerts go.
@@ -100,6 +102,11 @@ impl Billing {
         record.cost = Some(from_nanos(settlement.charge));
         record.rated_cost = Some(from_nanos(settlement.rated));
         record.unit = Some(self.policy.unit.clone());
+        let label = self
+            .price
+            .as_ref()
+            .map_or_else(|| Arc::from(UNPRICED_LABEL), |p| p.label.clone());
+        self.metrics.observe(record, &label);
         if let Some(route) = &self.alerts {
             route.announce(&self.policy, &self.account, settlement.crossings);
         }
@@ -231,6 +238,9 @@ pub struct Meter {
     /// The account cannot afford more output: end the stream.
     cut: bool,
 }
+
+/// The metrics label of calls no price-book entry prices.
+const UNPRICED_LABEL: &str = "unpriced";
 
 /// Output tokens added to a stream's reservation each time it runs past it.
 const STREAM_EXTENSION_TOKENS: u64 = 256;

@@ -16,6 +16,8 @@ pub enum Endpoint {
     Embeddings,
     Responses,
     Messages,
+    /// `POST /v1/outcomes`: an application reporting a business outcome (tollgate's own).
+    Outcomes,
     Other,
 }
 
@@ -31,6 +33,7 @@ impl Endpoint {
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/responses" => Endpoint::Responses,
             "/v1/messages" => Endpoint::Messages,
+            "/v1/outcomes" => Endpoint::Outcomes,
             _ => Endpoint::Other,
         }
     }
@@ -43,7 +46,7 @@ impl Endpoint {
             | Endpoint::Embeddings
             | Endpoint::Responses => Some(Dialect::OpenAi),
             Endpoint::Messages => Some(Dialect::Anthropic),
-            Endpoint::Other => None,
+            Endpoint::Outcomes | Endpoint::Other => None,
         }
     }
 
@@ -54,6 +57,7 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
             Endpoint::Messages => "messages",
+            Endpoint::Outcomes => "outcomes",
             Endpoint::Other => "other",
         }
     }

@@ -29,6 +29,7 @@ use crate::config::Dialect;
 use crate::error::GatewayError;
 use crate::ledger::{Dimensions, Ledger, Outcome};
 use crate::meter::{AlertRoute, Billing, Meter, MeterStart, MeteredBody, estimate_prompt};
+use crate::metrics::{Metrics, RefusalReason};
 use crate::provider::{Endpoint, RequestFacts, openai};
 use snapshot::{ApiKey, Snapshot, Upstream};
 
@@ -64,6 +65,7 @@ pub struct Gateway {
     pub alerter: Option<Arc<Alerter>>,
     /// Origin of the monotonic clock the throttles run on.
     pub clock: Instant,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The response body type of the data plane.
@@ -121,7 +123,12 @@ impl Gateway {
             .unwrap_or_else(|| dialect_from_headers(req.headers()));
         match self.proxy(req, endpoint, dialect).await {
             Ok(response) => response,
-            Err(e) => error_response(&e, dialect),
+            Err(e) => {
+                if let Some(reason) = refusal_reason(&e) {
+                    self.metrics.refused(reason);
+                }
+                error_response(&e, dialect)
+            }
         }
     }
 
@@ -141,6 +148,11 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         let limit = snapshot.config.server.max_request_body_bytes;
         let body = read_body(body, &parts.headers, limit).await?;
+        if endpoint == Endpoint::Outcomes {
+            return self
+                .report_outcome(&snapshot, &key, &parts.headers, &body, timestamp)
+                .await;
+        }
         let facts = if endpoint == Endpoint::Other {
             RequestFacts::parse(&body).unwrap_or_default()
         } else {
@@ -248,7 +260,107 @@ impl Gateway {
     }
 }
 
+/// The body of `POST /v1/outcomes`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeReport {
+    /// The outcome's name, as priced in `[[outcome_prices]]`.
+    outcome: String,
+    /// How many; default 1.
+    #[serde(default = "one")]
+    quantity: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
 impl Gateway {
+    /// Prices and journals an application-reported outcome like any metered call: reserved
+    /// and refused (402) when the account cannot afford it, settled, recorded.
+    async fn report_outcome(
+        &self,
+        snapshot: &Snapshot,
+        key: &Arc<ApiKey>,
+        headers: &HeaderMap,
+        body: &Bytes,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
+        let report: OutcomeReport =
+            serde_json::from_slice(body).map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+        let unit_price = *snapshot
+            .config
+            .prices
+            .outcomes
+            .get(&report.outcome)
+            .ok_or_else(|| GatewayError::UnknownOutcome(report.outcome.clone()))?;
+        let rated = unit_price
+            .checked_mul(i64::try_from(report.quantity).unwrap_or(i64::MAX))
+            .ok_or_else(|| GatewayError::MalformedJson("quantity is too large".into()))?;
+        let policy = key.policy.clone();
+        let account = self.balances.account(&policy, now);
+        self.throttle(key, &account, 0)?;
+        let reservation = if policy.is_limited() {
+            Some(account.reserve(&policy, policy.reservation_for(rated), now)?)
+        } else {
+            None
+        };
+        let mut record = crate::ledger::UsageRecord {
+            id: uuid::Uuid::now_v7(),
+            timestamp: now,
+            key_id: key.id.clone(),
+            account: key.account.clone(),
+            model: None,
+            upstream: Arc::from(""),
+            endpoint: Endpoint::Outcomes,
+            streamed: false,
+            status: 200,
+            outcome: Outcome::Reported,
+            usage: Default::default(),
+            estimated: false,
+            upstream_ttfb_us: None,
+            upstream_total_us: 0,
+            dimensions: dimensions(headers),
+            cost: None,
+            rated_cost: None,
+            unit: None,
+            metric: Some(report.outcome.clone()),
+            quantity: Some(report.quantity),
+        };
+        let settlement = match reservation {
+            Some(r) => r.settle(rated, now),
+            None => crate::balance::settle_account(&account, &policy, rated, 0, 0, 0, now),
+        };
+        record.cost = Some(crate::pricing::from_nanos(settlement.charge));
+        record.rated_cost = Some(crate::pricing::from_nanos(settlement.rated));
+        record.unit = Some(policy.unit.clone());
+        if let Some(route) = self.alert_route(key) {
+            route.announce(&policy, &account, settlement.crossings);
+        }
+        self.metrics.observe(
+            &record,
+            &Arc::from(format!("outcome:{}", report.outcome).as_str()),
+        );
+        let reply = serde_json::json!({
+            "id": record.id,
+            "outcome": report.outcome,
+            "quantity": report.quantity,
+            "cost": record.cost,
+            "unit": record.unit,
+        });
+        let id = record.id;
+        self.ledger.submit(record);
+        let mut response = Response::new(GatewayBody::full(Bytes::from(reply.to_string())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+            response.headers_mut().insert(HEADER_RECORD_ID, v);
+        }
+        Ok(response)
+    }
+
     /// Admission: rate limits, slow-down near the cap, and the worst-case reservation.
     #[allow(clippy::too_many_arguments)]
     async fn admit(
@@ -308,16 +420,7 @@ impl Gateway {
             reservation = Some(reserved);
             reserved_output_tokens = Some(output_tokens);
         }
-        let alerts = self.alerter.as_ref().map(|alerter| AlertRoute {
-            alerter: alerter.clone(),
-            key_id: key.id.clone(),
-            targets: policy
-                .webhooks
-                .iter()
-                .cloned()
-                .chain(key.owner_webhook.clone())
-                .collect(),
-        });
+        let alerts = self.alert_route(key);
         Ok(Billing {
             price,
             account,
@@ -325,6 +428,22 @@ impl Gateway {
             reservation,
             reserved_output_tokens,
             alerts,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Where alerts about `key`'s account go: the account admin's and the key owner's hooks.
+    fn alert_route(&self, key: &ApiKey) -> Option<AlertRoute> {
+        self.alerter.as_ref().map(|alerter| AlertRoute {
+            alerter: alerter.clone(),
+            key_id: key.id.clone(),
+            targets: key
+                .policy
+                .webhooks
+                .iter()
+                .cloned()
+                .chain(key.owner_webhook.clone())
+                .collect(),
         })
     }
 
@@ -383,6 +502,29 @@ impl Gateway {
                 })?;
         }
         Ok(())
+    }
+}
+
+fn refusal_reason(e: &GatewayError) -> Option<RefusalReason> {
+    match e {
+        GatewayError::MissingKey | GatewayError::UnknownKey | GatewayError::DisabledKey => {
+            Some(RefusalReason::Auth)
+        }
+        GatewayError::Refused(Refusal::HardCap { .. }) => Some(RefusalReason::Cap),
+        GatewayError::Refused(Refusal::InsufficientBalance { .. } | Refusal::TopUpRequired) => {
+            Some(RefusalReason::Balance)
+        }
+        GatewayError::RateLimited { .. } => Some(RefusalReason::RateLimit),
+        GatewayError::MalformedJson(_)
+        | GatewayError::MissingModel
+        | GatewayError::BodyTooLarge { .. }
+        | GatewayError::BodyRead(_)
+        | GatewayError::NoRoute { .. }
+        | GatewayError::NoDefaultUpstream { .. }
+        | GatewayError::UnknownOutcome(_) => Some(RefusalReason::BadRequest),
+        GatewayError::UpstreamUnreachable { .. }
+        | GatewayError::UpstreamTimeout { .. }
+        | GatewayError::Internal(_) => None,
     }
 }
 

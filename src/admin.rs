@@ -1,0 +1,245 @@
+//! The admin listener, on its own address and behind a bearer token compared in constant
+//! time: account balances, grants and period usage; adding grants (top-ups); Prometheus
+//! metrics; config reload. Every endpoint answers JSON except `/metrics`.
+//!
+//! | Method and path | |
+//! |---|---|
+//! | `GET /admin/accounts/{id}` | balance, grants, period usage and limits |
+//! | `POST /admin/accounts/{id}/grants` | add a grant: `{"amount":"10.00","id"?,"kind"?,"priority"?,"expires_at"?,"rollover"?}` |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | liveness, no token needed |
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::balance::{AccountPolicy, GrantKind, GrantSpec};
+use crate::config::Secret;
+use crate::pricing::to_nanos;
+use crate::proxy::Gateway;
+
+/// Largest admin request body accepted.
+const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
+
+/// The admin API's state.
+pub struct Admin {
+    pub gateway: Arc<Gateway>,
+    token_digest: [u8; 32],
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantRequest {
+    /// Defaults to `admin-<uuid>`.
+    id: Option<String>,
+    amount: Decimal,
+    kind: Option<String>,
+    priority: Option<i32>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    rollover: Option<String>,
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({"error": {"message": message}}))
+}
+
+/// Constant-time equality of two digests.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    pub fn new(gateway: Arc<Gateway>, token: &Secret) -> Admin {
+        Admin {
+            gateway,
+            token_digest: Sha256::digest(token.expose().as_bytes()).into(),
+        }
+    }
+
+    fn authorised(&self, req: &Request<Incoming>) -> bool {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Comparing digests keeps the comparison constant-time and length-independent.
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digests_equal(&digest, &self.token_digest)
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        if req.method() == Method::GET && path == "/healthz" {
+            return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        }
+        if !self.authorised(&req) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "admin token required: Authorization: Bearer <token>",
+            );
+        }
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["metrics"]) => self.metrics(),
+            (Method::GET, ["admin", "accounts", id]) => {
+                let id = id.to_string();
+                self.account(&id)
+            }
+            (Method::POST, ["admin", "accounts", id, "grants"]) => {
+                let id = id.to_string();
+                self.add_grant(&id, req).await
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+
+    /// The account's policy: configured, or the implicit one of an account keys refer to.
+    fn policy(&self, id: &str) -> Option<Arc<AccountPolicy>> {
+        let snapshot = self.gateway.snapshot.load();
+        if let Some(p) = snapshot.config.accounts.get(id) {
+            return Some(p.clone());
+        }
+        snapshot
+            .config
+            .keys
+            .iter()
+            .any(|k| k.account == id)
+            .then(|| Arc::new(AccountPolicy::unlimited(id)))
+    }
+
+    fn account(&self, id: &str) -> Response<Full<Bytes>> {
+        let Some(policy) = self.policy(id) else {
+            return error(StatusCode::NOT_FOUND, &format!("no account `{id}`"));
+        };
+        let state = self.gateway.balances.account(&policy, chrono::Utc::now());
+        json(StatusCode::OK, &state.view(&policy))
+    }
+
+    async fn add_grant(&self, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(policy) = self.policy(id) else {
+            return error(StatusCode::NOT_FOUND, &format!("no account `{id}`"));
+        };
+        if !policy.prepaid {
+            return error(
+                StatusCode::CONFLICT,
+                &format!("account `{id}` is not prepaid (set `prepaid = true` in its config)"),
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+        };
+        let grant: GrantRequest = match serde_json::from_slice(&body) {
+            Ok(g) => g,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("grant: {e}")),
+        };
+        let amount = match to_nanos(grant.amount) {
+            Ok(a) if a > 0 => a,
+            Ok(_) => return error(StatusCode::BAD_REQUEST, "amount: must be positive"),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("amount: {e}")),
+        };
+        let kind = match grant.kind.as_deref().unwrap_or("paid") {
+            "paid" => GrantKind::Paid,
+            "promotional" => GrantKind::Promotional,
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("kind: `{other}` is not one of paid, promotional"),
+                );
+            }
+        };
+        let expires_at_period_end = match grant.rollover.as_deref().unwrap_or("keep") {
+            "keep" => false,
+            "expire" => true,
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("rollover: `{other}` is not one of keep, expire"),
+                );
+            }
+        };
+        let spec = GrantSpec {
+            id: grant
+                .id
+                .unwrap_or_else(|| format!("admin-{}", uuid::Uuid::now_v7())),
+            amount,
+            kind,
+            priority: grant
+                .priority
+                .unwrap_or(crate::config::DEFAULT_GRANT_PRIORITY),
+            expires_at: grant.expires_at,
+            expires_at_period_end,
+        };
+        let now = chrono::Utc::now();
+        let state = self.gateway.balances.account(&policy, now);
+        match state.add_grant(&policy, spec.clone(), now) {
+            Ok(()) => {
+                tracing::info!(account = %id, grant = %spec.id, amount = %grant.amount, "grant added by admin");
+                json(StatusCode::CREATED, &state.view(&policy))
+            }
+            Err(e) if e.contains("already exists") => error(StatusCode::CONFLICT, &e),
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let ledger = &self.gateway.ledger;
+        let mut extra = vec![
+            (
+                "tollgate_records_submitted_total",
+                "Usage records handed to the journal writer.",
+                ledger.submitted(),
+            ),
+            (
+                "tollgate_records_written_total",
+                "Usage records appended to the journal.",
+                ledger.written(),
+            ),
+        ];
+        if let Some(a) = &self.gateway.alerter {
+            extra.push((
+                "tollgate_alerts_delivered_total",
+                "Alert webhooks accepted by their receiver.",
+                a.delivered(),
+            ));
+            extra.push((
+                "tollgate_alerts_failed_total",
+                "Alert webhooks given up after all retries.",
+                a.failed(),
+            ));
+            extra.push((
+                "tollgate_alerts_dropped_total",
+                "Alerts dropped because the delivery queue was full.",
+                a.dropped(),
+            ));
+        }
+        let text = self.gateway.metrics.render(&extra);
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+}

@@ -1,0 +1,250 @@
+//! Prometheus metrics, rendered in the text exposition format on the admin listener's
+//! `/metrics`. Counters are atomics found through `DashMap`s keyed by bounded label sets:
+//! upstream and endpoint names and price-book entries come from config, statuses and refusal
+//! reasons are fixed sets; client-chosen strings (model names, keys, dimensions) never become
+//! labels, so cardinality stays bounded by the config.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use crate::ledger::UsageRecord;
+use crate::pricing::from_nanos;
+
+/// Upper bounds of the upstream latency histogram buckets, seconds.
+const LATENCY_BUCKETS_S: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, us: u64) {
+        let s = us as f64 / 1e6;
+        for (i, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
+            if s <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// Why tollgate refused a request (the `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    Auth,
+    Cap,
+    Balance,
+    RateLimit,
+    BadRequest,
+}
+
+impl RefusalReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Auth => "auth",
+            RefusalReason::Cap => "cap",
+            RefusalReason::Balance => "balance",
+            RefusalReason::RateLimit => "rate_limit",
+            RefusalReason::BadRequest => "bad_request",
+        }
+    }
+}
+
+type RequestLabels = (Arc<str>, &'static str, u16);
+type TokenLabels = (Arc<str>, &'static str);
+
+/// The gateway's counters.
+#[derive(Default)]
+pub struct Metrics {
+    requests: DashMap<RequestLabels, AtomicU64>,
+    tokens: DashMap<TokenLabels, AtomicU64>,
+    spend_nanos: DashMap<(Arc<str>, String), AtomicI64>,
+    refusals: DashMap<RefusalReason, AtomicU64>,
+    ttfb: DashMap<Arc<str>, Histogram>,
+    total: DashMap<Arc<str>, Histogram>,
+    estimated: AtomicU64,
+}
+
+fn add<K: std::hash::Hash + Eq + Clone>(map: &DashMap<K, AtomicU64>, key: &K, n: u64) {
+    if n == 0 && map.contains_key(key) {
+        return;
+    }
+    if let Some(c) = map.get(key) {
+        c.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
+    map.entry(key.clone())
+        .or_default()
+        .fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Counts one journaled request. `price_label` names the price-book entry that priced it
+    /// (or `unpriced`).
+    pub fn observe(&self, record: &UsageRecord, price_label: &Arc<str>) {
+        add(
+            &self.requests,
+            &(
+                record.upstream.clone(),
+                record.endpoint.as_str(),
+                record.status,
+            ),
+            1,
+        );
+        let u = &record.usage;
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cached_input", u.cached_input_tokens),
+            ("reasoning", u.reasoning_tokens),
+        ] {
+            if n > 0 {
+                add(&self.tokens, &(price_label.clone(), kind), n);
+            }
+        }
+        if let (Some(cost), Some(unit)) = (record.cost, &record.unit)
+            && let Ok(nanos) = crate::pricing::to_nanos(cost)
+            && nanos != 0
+        {
+            let key = (price_label.clone(), unit.clone());
+            match self.spend_nanos.get(&key) {
+                Some(c) => {
+                    c.fetch_add(nanos, Ordering::Relaxed);
+                }
+                None => {
+                    self.spend_nanos
+                        .entry(key)
+                        .or_default()
+                        .fetch_add(nanos, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Some(ttfb) = record.upstream_ttfb_us {
+            self.histogram(&self.ttfb, &record.upstream).observe(ttfb);
+            self.histogram(&self.total, &record.upstream)
+                .observe(record.upstream_total_us);
+        }
+        if record.estimated {
+            self.estimated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn histogram<'a>(
+        &self,
+        map: &'a DashMap<Arc<str>, Histogram>,
+        upstream: &Arc<str>,
+    ) -> dashmap::mapref::one::Ref<'a, Arc<str>, Histogram> {
+        if let Some(h) = map.get(upstream) {
+            return h;
+        }
+        map.entry(upstream.clone()).or_default().downgrade()
+    }
+
+    pub fn refused(&self, reason: RefusalReason) {
+        add(&self.refusals, &reason, 1);
+    }
+
+    /// The text exposition format. `extra` appends lines rendered elsewhere (alerts, ledger).
+    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP tollgate_requests_total Metered requests by upstream, endpoint and status.\n# TYPE tollgate_requests_total counter\n");
+        for e in self.requests.iter() {
+            let (upstream, endpoint, status) = e.key();
+            let _ = writeln!(
+                out,
+                "tollgate_requests_total{{upstream=\"{}\",endpoint=\"{endpoint}\",status=\"{status}\"}} {}",
+                escape(upstream),
+                e.value().load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP tollgate_tokens_total Tokens by price-book entry and kind.\n# TYPE tollgate_tokens_total counter\n");
+        for e in self.tokens.iter() {
+            let (model, kind) = e.key();
+            let _ = writeln!(
+                out,
+                "tollgate_tokens_total{{model=\"{}\",kind=\"{kind}\"}} {}",
+                escape(model),
+                e.value().load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP tollgate_spend_total Charges by price-book entry, in each account unit.\n# TYPE tollgate_spend_total counter\n");
+        for e in self.spend_nanos.iter() {
+            let (model, unit) = e.key();
+            let _ = writeln!(
+                out,
+                "tollgate_spend_total{{model=\"{}\",unit=\"{}\"}} {}",
+                escape(model),
+                escape(unit),
+                from_nanos(e.value().load(Ordering::Relaxed))
+            );
+        }
+        out.push_str("# HELP tollgate_refusals_total Requests tollgate refused, by reason.\n# TYPE tollgate_refusals_total counter\n");
+        for e in self.refusals.iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_refusals_total{{reason=\"{}\"}} {}",
+                e.key().as_str(),
+                e.value().load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_estimated_records_total Records whose tokens were counted by the tokenizer fallback.\n# TYPE tollgate_estimated_records_total counter\ntollgate_estimated_records_total {}",
+            self.estimated.load(Ordering::Relaxed)
+        );
+        for (name, help, map) in [
+            (
+                "tollgate_upstream_ttfb_seconds",
+                "Request sent to response headers, by upstream.",
+                &self.ttfb,
+            ),
+            (
+                "tollgate_upstream_duration_seconds",
+                "Request sent to end of response, by upstream.",
+                &self.total,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for e in map.iter() {
+                let upstream = escape(e.key());
+                let h = e.value();
+                for (i, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{upstream=\"{upstream}\",le=\"{bound}\"}} {}",
+                        h.buckets[i].load(Ordering::Relaxed)
+                    );
+                }
+                let count = h.count.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{upstream=\"{upstream}\",le=\"+Inf\"}} {count}\n{name}_sum{{upstream=\"{upstream}\"}} {}\n{name}_count{{upstream=\"{upstream}\"}} {count}",
+                    h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+                );
+            }
+        }
+        for (name, help, value) in extra {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
