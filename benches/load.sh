@@ -210,7 +210,7 @@ MOCK_PID=$!
 PIDS+=("$MOCK_PID")
 MOCK_ADDR=""
 for _ in $(seq 1 100); do
-  MOCK_ADDR="$(sed -n 's#^tollgate-mock listening on http://##p' "$WORK/mock.log")"
+  MOCK_ADDR="$(sed -n 's#^tollgate-mock listening on http://##p' "$WORK/mock.log" 2>/dev/null)"
   [ -n "$MOCK_ADDR" ] && break
   kill -0 "$MOCK_PID" 2>/dev/null || { cat "$WORK/mock.log" >&2; die "the mock exited"; }
   sleep 0.1
@@ -396,8 +396,8 @@ for sc in "${scenario_list[@]}"; do
   for round in $(seq 1 "$ROUNDS"); do
     for t in "${targets[@]}"; do run_wrk max "$sc" "$t" "$round" "$DURATION" 0; done
   done
-  if [ "$LATENCY_AT_HALF" = 1 ]; then
-    half=$(( $(tollgate_max_rps "$sc") / 2 ))
+  half=$(( $(tollgate_max_rps "$sc") / 2 ))
+  if [ "$LATENCY_AT_HALF" = 1 ] && [ "$half" -gt 0 ]; then
     log "scenario $sc: constant rate $half req/s (half of tollgate's max)"
     for round in $(seq 1 "$ROUNDS"); do
       for t in "${targets[@]}"; do run_wrk half "$sc" "$t" "$round" "$HALF_DURATION" "$half"; done

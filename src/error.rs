@@ -36,6 +36,10 @@ pub enum GatewayError {
     Refused(#[from] crate::balance::Refusal),
     #[error("rate limit exceeded: {limit}; retry in {retry_after_ms} ms")]
     RateLimited { limit: String, retry_after_ms: u64 },
+    #[error(
+        "model `{model}` has no price, and account `{account}` has spend limits; ask the operator to price it"
+    )]
+    Unpriced { model: String, account: String },
     #[error("no price is configured for outcome `{0}`")]
     UnknownOutcome(String),
     #[error("internal error: {0}")]
@@ -64,7 +68,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, ErrorKind::Timeout)
             }
-            GatewayError::Refused(_) => (StatusCode::PAYMENT_REQUIRED, ErrorKind::Billing),
+            GatewayError::Refused(_) | GatewayError::Unpriced { .. } => {
+                (StatusCode::PAYMENT_REQUIRED, ErrorKind::Billing)
+            }
             GatewayError::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, ErrorKind::RateLimit)
             }

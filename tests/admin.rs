@@ -332,3 +332,43 @@ async fn metrics_count_requests_tokens_spend_and_refusals() {
         "no per-key labels"
     );
 }
+
+#[tokio::test]
+async fn limited_accounts_cannot_call_unpriced_models() {
+    let a = start(PREPAID).await;
+    a.http
+        .post(format!("{}/admin/accounts/acme/grants", a.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"amount": "5"}))
+        .send()
+        .await
+        .unwrap();
+    let resp = a
+        .http
+        .post(format!("{}/v1/chat/completions", a.base))
+        .bearer_auth(ALICE)
+        .json(&json!({"model": "o3-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "a b"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 402);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no price"),
+        "{v}"
+    );
+    assert_eq!(a.mock.request_count(), 0);
+    // An unlimited account (bob's globex is not configured) may: it is metered, not limited.
+    let resp = a
+        .http
+        .post(format!("{}/v1/chat/completions", a.base))
+        .bearer_auth(BOB)
+        .json(&json!({"model": "o3-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "a b"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -232,8 +232,8 @@ pub struct Meter {
     status: u16,
     usage: StreamUsage,
     stream_error: bool,
-    /// Data events seen in a stream: the mid-stream budget check counts one output token
-    /// per event (the exact charge after a cut comes from the tokenizer).
+    /// Output tokens delivered so far in a stream on a budget (tokenizer count of each
+    /// event's text); for other streams, the number of data events.
     events_seen: u64,
     /// The account cannot afford more output: end the stream.
     cut: bool,
@@ -281,9 +281,10 @@ impl Meter {
             return;
         };
         while self.events_seen > *covered {
+            // The per-call price was reserved at admission; extensions cover tokens only.
             let extra = billing
                 .policy
-                .reservation_for(price.worst_case(0, STREAM_EXTENSION_TOKENS));
+                .reservation_for(price.worst_case(0, STREAM_EXTENSION_TOKENS) - price.per_call);
             match reservation.extend(extra, chrono::Utc::now()) {
                 Ok(()) => *covered += STREAM_EXTENSION_TOKENS,
                 Err(_) => {
@@ -389,10 +390,30 @@ impl Meter {
                 let stream_error = &mut self.stream_error;
                 let mut events = 0;
                 let (endpoint, dialect) = (start.endpoint, start.dialect);
+                // Streams on a budget count the delivered text's tokens as they pass (only
+                // accounts with limits pay for this); others only count events.
+                let budgeted = start.billing.reserved_output_tokens.is_some();
+                let model = start.model.as_deref().unwrap_or("");
+                let count = |block: &SseBlock<'_>| {
+                    let Some(data) = block.data else { return 0 };
+                    if !budgeted {
+                        return 1;
+                    }
+                    let mut text = String::new();
+                    match dialect {
+                        Dialect::OpenAi => {
+                            openai::delivered_text(endpoint, block.event, data, &mut text)
+                        }
+                        Dialect::Anthropic => {
+                            anthropic::delivered_text(block.event, data, &mut text)
+                        }
+                    }
+                    tokenizer::count(model, &text)
+                };
                 let out = if *hide_usage_chunk {
                     let mut kept = BytesMut::with_capacity(data.len());
                     parser.feed(&data, |block| {
-                        events += u64::from(block.data.is_some());
+                        events += count(&block);
                         let facts = observe(endpoint, dialect, &block, usage);
                         *stream_error |= facts.error;
                         if !facts.usage_only {
@@ -402,7 +423,7 @@ impl Meter {
                     kept.freeze()
                 } else {
                     parser.feed(&data, |block| {
-                        events += u64::from(block.data.is_some());
+                        events += count(&block);
                         let facts = observe(endpoint, dialect, &block, usage);
                         *stream_error |= facts.error;
                     });

@@ -392,6 +392,14 @@ impl Gateway {
 
         let mut reservation = None;
         let mut reserved_output_tokens = None;
+        if policy.is_limited() && endpoint != Endpoint::Other && price.is_none() {
+            // A limited account cannot be charged for a model the price book does not know:
+            // forwarding it would let the provider bill what no cap or wallet accounts for.
+            return Err(GatewayError::Unpriced {
+                model: facts.model.clone().unwrap_or_default(),
+                account: policy.id.to_string(),
+            });
+        }
         if policy.is_limited()
             && endpoint != Endpoint::Other
             && let Some(price) = &price
@@ -522,6 +530,7 @@ fn refusal_reason(e: &GatewayError) -> Option<RefusalReason> {
         | GatewayError::NoRoute { .. }
         | GatewayError::NoDefaultUpstream { .. }
         | GatewayError::UnknownOutcome(_) => Some(RefusalReason::BadRequest),
+        GatewayError::Unpriced { .. } => Some(RefusalReason::Balance),
         GatewayError::UpstreamUnreachable { .. }
         | GatewayError::UpstreamTimeout { .. }
         | GatewayError::Internal(_) => None,

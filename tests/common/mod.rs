@@ -103,6 +103,16 @@ impl Harness {
     }
 
     pub async fn start_with(server: &str, extra: &str) -> Harness {
+        Self::start_with_env(server, extra, test_env()).await
+    }
+
+    /// Like [`Harness::start_with`], with `env` as the environment the config reads
+    /// (start from [`test_env`] and add e.g. a webhook signing secret).
+    pub async fn start_with_env(
+        server: &str,
+        extra: &str,
+        env: HashMap<String, String>,
+    ) -> Harness {
         let mock = MockServer::start(
             "127.0.0.1:0".parse().unwrap(),
             MockConfig {
@@ -116,7 +126,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("usage.jsonl");
         let text = config_text(mock.addr(), &journal, server, extra);
-        let config = Config::parse(&text, &test_env()).unwrap();
+        let config = Config::parse(&text, &env).unwrap();
         let gateway = GatewayBuilder::new(config).start().await.unwrap();
         let base = format!("http://{}", gateway.addr());
         Harness {
@@ -158,7 +168,7 @@ impl Harness {
     pub async fn records(&self, n: u64) -> Vec<UsageRecord> {
         let ledger = self.gateway.ledger();
         assert!(
-            ledger.wait_written(n, Duration::from_secs(10)).await,
+            ledger.wait_written(n, Duration::from_secs(30)).await,
             "expected {n} records, {} submitted",
             ledger.submitted()
         );
