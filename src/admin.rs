@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `GET /admin/accounts/{id}` | balance, grants, period usage and limits |
 //! | `POST /admin/accounts/{id}/grants` | add a grant: `{"amount":"10.00","id"?,"kind"?,"priority"?,"expires_at"?,"rollover"?}` |
+//! | `POST /admin/reload[?dry_run=true]` | re-read the config file: apply it (or only validate and diff it) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | liveness, no token needed |
 
@@ -23,6 +24,7 @@ use crate::balance::{AccountPolicy, GrantKind, GrantSpec};
 use crate::config::Secret;
 use crate::pricing::to_nanos;
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 
 /// Largest admin request body accepted.
 const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
@@ -30,6 +32,7 @@ const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 /// The admin API's state.
 pub struct Admin {
     pub gateway: Arc<Gateway>,
+    reloader: Arc<Reloader>,
     token_digest: [u8; 32],
 }
 
@@ -66,9 +69,10 @@ fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Admin {
-    pub fn new(gateway: Arc<Gateway>, token: &Secret) -> Admin {
+    pub fn new(gateway: Arc<Gateway>, reloader: Arc<Reloader>, token: &Secret) -> Admin {
         Admin {
             gateway,
+            reloader,
             token_digest: Sha256::digest(token.expose().as_bytes()).into(),
         }
     }
@@ -99,6 +103,13 @@ impl Admin {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method().clone(), segments.as_slice()) {
             (Method::GET, ["metrics"]) => self.metrics(),
+            (Method::POST, ["admin", "reload"]) => {
+                let dry_run = req.uri().query().is_some_and(|q| {
+                    q.split('&')
+                        .any(|p| p == "dry_run=true" || p == "dry_run=1")
+                });
+                self.reload(dry_run).await
+            }
             (Method::GET, ["admin", "accounts", id]) => {
                 let id = id.to_string();
                 self.account(&id)
@@ -203,6 +214,27 @@ impl Admin {
         }
     }
 
+    async fn reload(&self, dry_run: bool) -> Response<Full<Bytes>> {
+        let result = if dry_run {
+            self.reloader.dry_run()
+        } else {
+            self.reloader.reload_file().await
+        };
+        match result {
+            Ok(changes) => json(
+                StatusCode::OK,
+                &serde_json::json!({"applied": !dry_run, "changes": changes}),
+            ),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({
+                    "applied": false,
+                    "error": {"message": "config refused; the running config is unchanged", "problems": e.problems()}
+                }),
+            ),
+        }
+    }
+
     fn metrics(&self) -> Response<Full<Bytes>> {
         let ledger = &self.gateway.ledger;
         let mut extra = vec![
@@ -217,6 +249,16 @@ impl Admin {
                 ledger.written(),
             ),
         ];
+        extra.push((
+            "tollgate_config_reloads_applied_total",
+            "Config reloads applied.",
+            self.reloader.applied(),
+        ));
+        extra.push((
+            "tollgate_config_reloads_failed_total",
+            "Config reloads refused (invalid config); the previous config kept serving.",
+            self.reloader.failed(),
+        ));
         if let Some(a) = &self.gateway.alerter {
             extra.push((
                 "tollgate_alerts_delivered_total",

@@ -430,7 +430,7 @@ pub struct RouteConfig {
     pub upstream: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyConfig {
     pub id: String,
     pub sha256: [u8; 32],

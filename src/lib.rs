@@ -24,6 +24,7 @@ pub mod mock;
 pub mod pricing;
 pub mod provider;
 pub mod proxy;
+pub mod reload;
 mod server;
 
 use std::net::SocketAddr;
@@ -46,6 +47,9 @@ pub struct GatewayBuilder {
     config: Config,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    config_path: Option<std::path::PathBuf>,
+    env: Arc<dyn config::Env + Send + Sync>,
+    watch: bool,
 }
 
 impl GatewayBuilder {
@@ -54,7 +58,28 @@ impl GatewayBuilder {
             config,
             listen: None,
             admin_listen: None,
+            config_path: None,
+            env: Arc::new(config::ProcessEnv),
+            watch: false,
         }
+    }
+
+    /// The file the config came from: reloads (SIGHUP, admin, file watch) read it again.
+    pub fn config_path(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// Where reloads read provider credentials (default: the process environment).
+    pub fn env(mut self, env: Arc<dyn config::Env + Send + Sync>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Reload when the config file changes on disk.
+    pub fn watch(mut self, watch: bool) -> Self {
+        self.watch = watch;
+        self
     }
 
     /// Overrides `admin.listen` (tests pass `127.0.0.1:0`); needs an `[admin]` section.
@@ -102,6 +127,18 @@ impl GatewayBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let data_plane =
             server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
+        let reloader = Arc::new(reload::Reloader::new(
+            gateway.clone(),
+            self.config_path.clone(),
+            self.env.clone(),
+        ));
+        let watcher = match (&self.config_path, self.watch) {
+            (Some(path), true) => Some(
+                reload::watch(reloader.clone(), path)
+                    .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", path.display()))?,
+            ),
+            _ => None,
+        };
         let (admin_addr, admin_task) = match admin_config {
             Some(admin_config) => {
                 let at = self.admin_listen.unwrap_or(admin_config.listen);
@@ -109,7 +146,11 @@ impl GatewayBuilder {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {at} (admin): {e}"))?;
                 let admin_addr = server::local_addr(&admin_listener)?;
-                let admin = Arc::new(admin::Admin::new(gateway.clone(), &admin_config.token));
+                let admin = Arc::new(admin::Admin::new(
+                    gateway.clone(),
+                    reloader.clone(),
+                    &admin_config.token,
+                ));
                 let task = server::spawn_listener(admin_listener, grace, stop_rx, move |req| {
                     admin.clone().handle(req)
                 });
@@ -126,6 +167,8 @@ impl GatewayBuilder {
             stop: stop_tx,
             data_plane,
             admin_task,
+            reloader,
+            _watcher: watcher,
         })
     }
 }
@@ -138,6 +181,8 @@ pub struct RunningGateway {
     stop: watch::Sender<bool>,
     data_plane: JoinHandle<()>,
     admin_task: Option<JoinHandle<()>>,
+    reloader: Arc<reload::Reloader>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl RunningGateway {
@@ -153,6 +198,11 @@ impl RunningGateway {
 
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.gateway.ledger
+    }
+
+    /// Applies config changes (SIGHUP, tests).
+    pub fn reloader(&self) -> &Arc<reload::Reloader> {
+        &self.reloader
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {

@@ -40,6 +40,10 @@ enum Command {
     CheckConfig {
         /// Config file (TOML).
         file: PathBuf,
+        /// Also report what reloading FILE over this config would change (keys, accounts,
+        /// prices, upstreams, routes).
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Print the SHA-256 of a client key, as `keys[].sha256` stores it. Reads the key from
     /// standard input when not given (keeps it out of shell history).
@@ -61,7 +65,7 @@ fn main() -> std::process::ExitCode {
             log_format,
             worker_threads,
         } => serve(config, listen, log_format, worker_threads),
-        Command::CheckConfig { file } => return check_config(&file),
+        Command::CheckConfig { file, against } => return check_config(&file, against.as_deref()),
         Command::HashKey { key } => hash_key(key),
     };
     match result {
@@ -73,16 +77,36 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn check_config(file: &std::path::Path) -> std::process::ExitCode {
+fn check_config(
+    file: &std::path::Path,
+    against: Option<&std::path::Path>,
+) -> std::process::ExitCode {
     match Config::load(file, &ProcessEnv) {
         Ok(c) => {
             println!(
-                "{}: valid ({} upstreams, {} routes, {} keys)",
+                "{}: valid ({} upstreams, {} routes, {} keys, {} accounts, {} prices)",
                 file.display(),
                 c.upstreams.len(),
                 c.routes.len(),
-                c.keys.len()
+                c.keys.len(),
+                c.accounts.len(),
+                c.prices.models.len()
             );
+            if let Some(old) = against {
+                match Config::load(old, &ProcessEnv) {
+                    Ok(old_config) => {
+                        let diff = tollgate::reload::ConfigDiff::between(&old_config, &c);
+                        match serde_json::to_string_pretty(&diff) {
+                            Ok(text) => println!("changes against {}:\n{text}", old.display()),
+                            Err(e) => eprintln!("cannot render the changes: {e}"),
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{}: {e}", old.display());
+                        return std::process::ExitCode::FAILURE;
+                    }
+                }
+            }
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
@@ -113,6 +137,7 @@ fn serve(
     worker_threads: Option<usize>,
 ) -> anyhow::Result<()> {
     init_logging(log_format);
+    let config_path = config.clone();
     let config = match &config {
         Some(path) => Config::load(path, &ProcessEnv)?,
         None => Config::parse(EMBEDDED_CONFIG, &ProcessEnv)
@@ -129,8 +154,22 @@ fn serve(
         if let Some(addr) = listen {
             builder = builder.listen(addr);
         }
+        if let Some(path) = &config_path {
+            builder = builder.config_path(path).watch(true);
+        }
         let gateway = builder.start().await?;
         tracing::info!(addr = %gateway.addr(), admin = ?gateway.admin_addr(), "tollgate listening");
+        #[cfg(unix)]
+        {
+            let reloader = gateway.reloader().clone();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config file");
+                    let _ = reloader.reload_file().await;
+                }
+            });
+        }
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         gateway.shutdown().await;

@@ -164,12 +164,12 @@ def main():
         json.dump(result, f, indent=2)
 
     c = config
-    print(f"## tollgate load benchmark\n")
+    print(f"## tollgate load benchmark ({c['git']}, {c['date']})\n")
     print(
         f"wrk -t{c['threads']} -c{c['connections']} -d{c['duration']} (x{c['rounds']} rounds, "
         f"medians; alternating baseline/tollgate), {c['nkeys']} keys, mock + proxy "
         f"1 worker thread each; CPUs: proxy={c['cpus']['proxy'] or 'any'} "
-        f"mock={c['cpus']['mock'] or 'any'} load={c['cpus']['load'] or 'any'}\n"
+        f"mock={c['cpus']['mock'] or 'any'} load={c['cpus']['load'] or 'any'}, nice {c['nice']}\n"
     )
     head = (
         "| scenario | target | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | proxy CPU s "

@@ -65,6 +65,15 @@ pub struct UpstreamBuildError {
 
 impl Snapshot {
     pub fn build(config: Config) -> Result<Snapshot, UpstreamBuildError> {
+        Self::build_reusing(config, None)
+    }
+
+    /// Builds a snapshot, keeping the connection pools of `previous`'s upstreams whose
+    /// connection settings did not change (a reload then costs no reconnects).
+    pub fn build_reusing(
+        config: Config,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, UpstreamBuildError> {
         let keys = config
             .keys
             .iter()
@@ -98,7 +107,20 @@ impl Snapshot {
             if u.default {
                 defaults.insert(u.dialect, index);
             }
-            let client = build_client(u).map_err(fail)?;
+            let reusable = previous.and_then(|p| {
+                p.upstreams.iter().find(|old| {
+                    let o = &old.config;
+                    o.name == u.name
+                        && o.origin == u.origin
+                        && o.ca_file == u.ca_file
+                        && o.connect_timeout == u.connect_timeout
+                        && o.pool_max_idle_per_host == u.pool_max_idle_per_host
+                })
+            });
+            let client = match reusable {
+                Some(old) => old.client.clone(),
+                None => build_client(u).map_err(fail)?,
+            };
             let credential = match &u.credential {
                 None => None,
                 Some(secret) => {
