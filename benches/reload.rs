@@ -22,7 +22,7 @@ fn config_text(dir: &std::path::Path) -> String {
 [server]
 listen = "127.0.0.1:0"
 [journal]
-path = "{}/usage.jsonl"
+dir = "{}/journal"
 [[upstreams]]
 name = "openai"
 dialect = "openai"

@@ -207,6 +207,13 @@ impl Admin {
         match state.add_grant(&policy, spec.clone(), now) {
             Ok(()) => {
                 tracing::info!(account = %id, grant = %spec.id, amount = %grant.amount, "grant added by admin");
+                self.gateway.ledger.submit(crate::ledger::GrantEntry::new(
+                    id,
+                    &policy.unit,
+                    &spec,
+                    crate::ledger::GrantSource::Admin,
+                    now,
+                ));
                 json(StatusCode::CREATED, &state.view(&policy))
             }
             Err(e) if e.contains("already exists") => error(StatusCode::CONFLICT, &e),
@@ -239,13 +246,13 @@ impl Admin {
         let ledger = &self.gateway.ledger;
         let mut extra = vec![
             (
-                "tollgate_records_submitted_total",
-                "Usage records handed to the journal writer.",
+                "tollgate_journal_entries_submitted_total",
+                "Journal entries (usage records, grants) handed to the journal writer.",
                 ledger.submitted(),
             ),
             (
-                "tollgate_records_written_total",
-                "Usage records appended to the journal.",
+                "tollgate_journal_entries_written_total",
+                "Journal entries appended to the journal.",
                 ledger.written(),
             ),
         ];

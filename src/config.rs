@@ -34,8 +34,14 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 600_000;
 /// Default idle connections kept per upstream host.
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 1024;
-/// Default path of the usage journal.
-pub const DEFAULT_JOURNAL_PATH: &str = "data/usage.jsonl";
+/// Default journal directory.
+pub const DEFAULT_JOURNAL_DIR: &str = "data/journal";
+/// Default group-commit interval.
+pub const DEFAULT_FSYNC_INTERVAL_MS: u64 = 5;
+/// Default journal segment size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default journal disk budget: 10 GiB.
+pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 /// Default capacity of the channel between the request path and the journal writer.
 pub const DEFAULT_JOURNAL_CHANNEL_CAPACITY: usize = 65_536;
 /// Default grace period for in-flight requests at shutdown.
@@ -247,10 +253,22 @@ struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJournal {
-    /// Journal file (JSON lines). Default `data/usage.jsonl`, relative to the working directory.
-    path: Option<PathBuf>,
+    /// Journal directory (segment files, sink cursors). Default `data/journal`.
+    dir: Option<PathBuf>,
     /// Records buffered between requests and the writer. Default 65 536.
     channel_capacity: Option<usize>,
+    /// `always` (every batch synced before it counts), `interval` (group commit; default) or
+    /// `never` (left to the OS).
+    fsync: Option<String>,
+    /// Group-commit interval, milliseconds. Default 5.
+    fsync_interval_ms: Option<u64>,
+    /// Segment size before rotation, bytes. Default 64 MiB.
+    segment_bytes: Option<u64>,
+    /// Disk budget of the journal, bytes. Default 10 GiB.
+    max_bytes: Option<u64>,
+    /// When the budget is exhausted: `refuse` new metered requests (503, default) or `serve`
+    /// and alarm (log + metric).
+    on_full: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,8 +415,13 @@ pub struct ServerConfig {
 
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
-    pub path: PathBuf,
+    pub dir: PathBuf,
     pub channel_capacity: usize,
+    pub fsync: crate::ledger::FsyncPolicy,
+    pub segment_bytes: u64,
+    pub max_bytes: u64,
+    /// Refuse new metered requests when the journal is over budget (else serve and alarm).
+    pub refuse_when_full: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -557,12 +580,42 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     if channel_capacity == 0 {
         problems.push("journal.channel_capacity: must be positive".into());
     }
+    let fsync = match raw.journal.fsync.as_deref().unwrap_or("interval") {
+        "always" => crate::ledger::FsyncPolicy::Always,
+        "never" => crate::ledger::FsyncPolicy::Never,
+        "interval" => crate::ledger::FsyncPolicy::Interval(Duration::from_millis(
+            raw.journal
+                .fsync_interval_ms
+                .unwrap_or(DEFAULT_FSYNC_INTERVAL_MS)
+                .max(1),
+        )),
+        other => {
+            problems.push(format!(
+                "journal.fsync: `{other}` is not one of always, interval, never"
+            ));
+            crate::ledger::FsyncPolicy::Always
+        }
+    };
+    let refuse_when_full = match raw.journal.on_full.as_deref().unwrap_or("refuse") {
+        "refuse" => true,
+        "serve" => false,
+        other => {
+            problems.push(format!(
+                "journal.on_full: `{other}` is not one of refuse, serve"
+            ));
+            true
+        }
+    };
     let journal = JournalConfig {
-        path: raw
+        dir: raw
             .journal
-            .path
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_PATH)),
+            .dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR)),
         channel_capacity,
+        fsync,
+        segment_bytes: raw.journal.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES),
+        max_bytes: raw.journal.max_bytes.unwrap_or(DEFAULT_JOURNAL_MAX_BYTES),
+        refuse_when_full,
     };
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());

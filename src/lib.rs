@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use config::Config;
-use ledger::{JsonLinesJournal, Ledger};
+use ledger::{Ledger, SegmentJournal};
 use proxy::Gateway;
 use proxy::snapshot::Snapshot;
 
@@ -96,10 +96,23 @@ impl GatewayBuilder {
 
     /// Opens the journal, binds the listener and starts serving.
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
-        let journal = JsonLinesJournal::open(&self.config.journal.path).map_err(|e| {
-            anyhow::anyhow!("journal.path `{}`: {e}", self.config.journal.path.display())
-        })?;
-        let ledger = Ledger::start(Box::new(journal), self.config.journal.channel_capacity)?;
+        let journal_config = self.config.journal.clone();
+        let (journal, recovery) =
+            SegmentJournal::open(&journal_config.dir, journal_config.segment_bytes).map_err(
+                |e| anyhow::anyhow!("journal.dir `{}`: {e}", journal_config.dir.display()),
+            )?;
+        if recovery.truncated_bytes > 0 || recovery.quarantined > 0 {
+            tracing::warn!(
+                truncated_bytes = recovery.truncated_bytes,
+                quarantined = recovery.quarantined,
+                "journal recovered from damage"
+            );
+        }
+        let ledger = Ledger::start(
+            Box::new(journal),
+            journal_config.channel_capacity,
+            journal_config.fsync,
+        )?;
         let listen = self.listen.unwrap_or(self.config.server.listen);
         let grace = self.config.server.shutdown_grace;
         let admin_config = self.config.admin.clone();
@@ -124,6 +137,7 @@ impl GatewayBuilder {
             clock: std::time::Instant::now(),
             metrics: Arc::new(metrics::Metrics::default()),
         });
+        replay(&gateway, recovery.entries);
         let (stop_tx, stop_rx) = watch::channel(false);
         let data_plane =
             server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
@@ -170,6 +184,62 @@ impl GatewayBuilder {
             reloader,
             _watcher: watcher,
         })
+    }
+}
+
+/// Rebuilds balances from the journal: charges, and grants added at run time.
+fn replay(gateway: &Gateway, entries: Vec<(u64, ledger::LedgerEntry)>) {
+    let snapshot = gateway.snapshot.load();
+    let now = chrono::Utc::now();
+    let policy_for = |account: &str| {
+        snapshot
+            .config
+            .accounts
+            .get(account)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
+    };
+    let (mut charges, mut grants) = (0usize, 0usize);
+    for (_, entry) in entries {
+        match entry {
+            ledger::LedgerEntry::Usage(r) => {
+                let policy = policy_for(&r.account);
+                let state = gateway.balances.account(&policy, now);
+                let nanos = |d: Option<rust_decimal::Decimal>| {
+                    d.and_then(|d| pricing::to_nanos(d).ok()).unwrap_or(0)
+                };
+                state.replay_usage(
+                    &policy,
+                    nanos(r.rated_cost),
+                    nanos(r.cost),
+                    r.timestamp,
+                    now,
+                );
+                charges += 1;
+            }
+            ledger::LedgerEntry::Grant(g) => {
+                let policy = policy_for(&g.account);
+                let state = gateway.balances.account(&policy, now);
+                let spec = balance::GrantSpec {
+                    id: g.grant_id.clone(),
+                    amount: pricing::to_nanos(g.amount).unwrap_or(0),
+                    kind: g.kind,
+                    priority: g.priority,
+                    expires_at: g.expires_at,
+                    expires_at_period_end: g.expires_at_period_end,
+                };
+                if let Err(e) = state.add_grant(&policy, spec, g.timestamp) {
+                    tracing::warn!(account = %g.account, grant = %g.grant_id, error = %e, "journaled grant not re-applied");
+                }
+                if g.source == ledger::GrantSource::AutoTopUp {
+                    state.note_topup(g.timestamp);
+                }
+                grants += 1;
+            }
+        }
+    }
+    if charges + grants > 0 {
+        tracing::info!(charges, grants, "balances rebuilt from the journal");
     }
 }
 

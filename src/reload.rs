@@ -161,8 +161,8 @@ impl ConfigDiff {
         if old.server.listen != new.server.listen {
             needs_restart.push("server.listen".to_string());
         }
-        if old.journal.path != new.journal.path {
-            needs_restart.push("journal.path".to_string());
+        if old.journal.dir != new.journal.dir {
+            needs_restart.push("journal.dir".to_string());
         }
         if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
             needs_restart.push("admin.listen".to_string());

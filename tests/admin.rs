@@ -322,7 +322,7 @@ async fn metrics_count_requests_tokens_spend_and_refusals() {
         "tollgate_tokens_total{model=\"gpt-4o*\",kind=\"output\"} 8",
         "tollgate_spend_total{model=\"gpt-4o*\",unit=\"USD\"} 0.012",
         "tollgate_refusals_total{reason=\"auth\"} 1",
-        "tollgate_records_written_total 2",
+        "tollgate_journal_entries_written_total 3",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }

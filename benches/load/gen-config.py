@@ -2,19 +2,23 @@
 """Writes the tollgate config for benches/load.sh: one OpenAI-dialect upstream (the mock),
 NKEYS client keys `tg-bench-<i>` stored as SHA-256, journal at JOURNAL.
 
-usage: gen-config.py OUT MOCK_ADDR JOURNAL NKEYS
+usage: gen-config.py OUT MOCK_ADDR JOURNAL NKEYS [dir|path]
+
+The last argument names the `[journal]` key: `dir` (a segment directory, the default) or
+`path` (a JSON-lines file, builds before the segment journal).
 """
 import hashlib
 import sys
 
 out, mock, journal, nkeys = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+journal_key = sys.argv[5] if len(sys.argv) > 5 else "dir"
 with open(out, "w") as f:
     f.write(f'''[server]
 listen = "127.0.0.1:0"
 shutdown_grace_ms = 1000
 
 [journal]
-path = "{journal}"
+{journal_key} = "{journal}"
 
 [[upstreams]]
 name = "mock-openai"

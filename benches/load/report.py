@@ -61,6 +61,7 @@ def summarise(runs):
         "proxy_peak_rss_kb": max(r["proxy_rss_kb"] for r in runs),
         "alive": all(r["alive"] for r in runs),
     }
+    out["noisy"] = any(r.get("noisy") for r in runs)
     if runs[0].get("rate"):
         out["rate"] = runs[0]["rate"]
     if runs[0].get("journal"):
@@ -108,9 +109,14 @@ def main():
     with open(config_path) as f:
         config = json.load(f)
 
-    groups = {}
+    groups, noisy_groups = {}, {}
     for r in runs:
-        groups.setdefault((r["kind"], r["scenario"], r["target"]), []).append(r)
+        key = (r["kind"], r["scenario"], r["target"])
+        (noisy_groups if r.get("noisy") else groups).setdefault(key, []).append(r)
+    # A group with no clean round at all falls back to its noisy ones (flagged below).
+    fallback = [k for k in noisy_groups if k not in groups]
+    for k in fallback:
+        groups[k] = noisy_groups[k]
     scenarios = []
     for r in runs:
         if r["scenario"] not in scenarios:
@@ -229,22 +235,20 @@ def main():
     if c.get("half_note"):
         print(f"\n{c['half_note']}")
     print()
-    noisy = sorted(
-        {
-            f"{kind}/{sc}/{t}: {s['other_cpu_util_max']:.0%}"
-            for kind, blocks in summary.items()
-            for sc, block in blocks.items()
-            for t, s in block.items()
-            if t in ("baseline", "tollgate") and s["other_cpu_util_max"] > 0.15
-        }
-    )
-    result["noisy_runs"] = noisy
+    discarded = sum(len(v) for k, v in noisy_groups.items() if k not in fallback)
+    result["discarded_noisy_runs"] = discarded
+    result["noisy_fallback"] = ["/".join(k) for k in fallback]
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)
-    if noisy:
+    if discarded:
         print(
-            "**Warning: other processes used CPU during the runs (numbers less reliable; "
-            "worst run, in cores):** " + "; ".join(noisy) + "\n"
+            f"{discarded} run(s) discarded and repeated: other processes used more than "
+            f"{c['noise_max_cores']} cores meanwhile (kept in the JSON, marked noisy).\n"
+        )
+    if fallback:
+        print(
+            "**Warning: no undisturbed round for " + ", ".join(result["noisy_fallback"])
+            + ": those medians come from noisy runs.**\n"
         )
     if problems:
         print("**PROBLEMS:**")

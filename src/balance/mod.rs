@@ -579,6 +579,40 @@ impl AccountState {
         }
     }
 
+    /// Re-applies a journaled charge at start-up: wallet draw always, period counters when
+    /// it falls in the current period. No alerts, no top-ups (they were journaled as such).
+    pub fn replay_usage(
+        &self,
+        policy: &AccountPolicy,
+        rated: i64,
+        charge: i64,
+        at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) {
+        self.roll_period(policy, now);
+        let start = self.period_start.load(Ordering::Acquire);
+        let end = self.period_end.load(Ordering::Acquire);
+        if (start..end).contains(&at.timestamp()) {
+            self.period_rated.fetch_add(rated, Ordering::AcqRel);
+            self.period_spend.fetch_add(charge, Ordering::AcqRel);
+            self.committed.fetch_add(charge, Ordering::AcqRel);
+        }
+        if policy.prepaid {
+            self.available.fetch_sub(charge, Ordering::AcqRel);
+            self.balance.fetch_sub(charge, Ordering::AcqRel);
+            self.draw(charge);
+            if self.balance() <= 0 && policy.overage == OverageRule::RequireTopUp {
+                self.topup_required.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Records when the last automatic top-up happened (replay).
+    pub fn note_topup(&self, at: DateTime<Utc>) {
+        self.last_topup_ms
+            .fetch_max(at.timestamp_millis(), Ordering::AcqRel);
+    }
+
     /// Period spend (settled) so far, nano-units.
     pub fn period_spend(&self) -> i64 {
         self.period_spend.load(Ordering::Acquire)

@@ -2,10 +2,15 @@
 //! takes records off the request path through a bounded channel and appends them to the
 //! journal on its own thread, so file I/O never runs on a runtime worker.
 //!
-//! The journal behind the [`Journal`] seam is a JSON-lines file today; the durable segment
-//! journal with checksums, recovery and sinks replaces it without touching the request path.
+//! The journal ([`journal::SegmentJournal`]) is append-only, checksummed and recovered at
+//! start; the flusher ships it to the configured sinks (PostgreSQL, CloudEvents, files).
 
+pub mod cloudevents;
+pub mod file_sink;
 pub mod journal;
+pub mod postgres;
+pub mod sink;
+pub mod sinks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +23,7 @@ use uuid::Uuid;
 
 use crate::provider::{Endpoint, TokenUsage};
 
-pub use journal::{Journal, JsonLinesJournal};
+pub use journal::{FsyncPolicy, Journal, SegmentJournal};
 
 /// Records written per journal append at most; bounds the latency of a sync barrier.
 const MAX_BATCH: usize = 1024;
@@ -118,16 +123,132 @@ pub struct UsageRecord {
     pub quantity: Option<u64>,
 }
 
+/// Where a grant came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantSource {
+    Admin,
+    AutoTopUp,
+}
+
+/// A grant added at run time (admin top-up, automatic top-up): journaled so balances recover
+/// and payment systems hear of it. Grants written in config are not journaled: config is
+/// their record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GrantEntry {
+    /// UUIDv7 of this journal entry.
+    pub id: Uuid,
+    pub timestamp: DateTime<Utc>,
+    pub account: String,
+    pub grant_id: String,
+    pub amount: rust_decimal::Decimal,
+    pub unit: String,
+    pub kind: crate::balance::GrantKind,
+    pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub expires_at_period_end: bool,
+    pub source: GrantSource,
+}
+
+impl GrantEntry {
+    /// The journal entry for a grant added at run time.
+    pub fn new(
+        account: &str,
+        unit: &str,
+        spec: &crate::balance::GrantSpec,
+        source: GrantSource,
+        at: DateTime<Utc>,
+    ) -> GrantEntry {
+        GrantEntry {
+            id: Uuid::now_v7(),
+            timestamp: at,
+            account: account.to_string(),
+            grant_id: spec.id.clone(),
+            amount: crate::pricing::from_nanos(spec.amount),
+            unit: unit.to_string(),
+            kind: spec.kind,
+            priority: spec.priority,
+            expires_at: spec.expires_at,
+            expires_at_period_end: spec.expires_at_period_end,
+            source,
+        }
+    }
+}
+
+/// One journal entry.
+// Usage records are nearly every entry; boxing them would add an allocation per request to
+// shrink the rare grant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LedgerEntry {
+    Usage(UsageRecord),
+    Grant(GrantEntry),
+}
+
+impl LedgerEntry {
+    /// The entry's unique id (sinks deduplicate on it).
+    pub fn id(&self) -> Uuid {
+        match self {
+            LedgerEntry::Usage(r) => r.id,
+            LedgerEntry::Grant(g) => g.id,
+        }
+    }
+
+    /// The account (customer) the entry concerns.
+    pub fn account(&self) -> &str {
+        match self {
+            LedgerEntry::Usage(r) => &r.account,
+            LedgerEntry::Grant(g) => &g.account,
+        }
+    }
+
+    pub fn timestamp(&self) -> DateTime<Utc> {
+        match self {
+            LedgerEntry::Usage(r) => r.timestamp,
+            LedgerEntry::Grant(g) => g.timestamp,
+        }
+    }
+}
+
+impl From<UsageRecord> for LedgerEntry {
+    fn from(r: UsageRecord) -> Self {
+        LedgerEntry::Usage(r)
+    }
+}
+
+impl From<GrantEntry> for LedgerEntry {
+    fn from(g: GrantEntry) -> Self {
+        LedgerEntry::Grant(g)
+    }
+}
+
 enum Message {
-    Record(Box<UsageRecord>),
+    Record(Box<LedgerEntry>),
     Sync(oneshot::Sender<()>),
+    /// Group-commit timer: fsync if anything is unsynced.
+    Tick,
 }
 
 /// The request path's handle on the journal writer.
 pub struct Ledger {
     tx: mpsc::Sender<Message>,
     submitted: AtomicU64,
-    written: Arc<AtomicU64>,
+    shared: Arc<WriterShared>,
+}
+
+/// What the writer thread publishes.
+#[derive(Default)]
+pub struct WriterShared {
+    written: AtomicU64,
+    /// Sequence number of the last entry written (handed to the OS).
+    last_seq: AtomicU64,
+    /// Journal size on disk, bytes.
+    size_bytes: AtomicU64,
+    /// Wakes the flusher when entries are written.
+    pub appended: tokio::sync::Notify,
 }
 
 impl Ledger {
@@ -135,25 +256,58 @@ impl Ledger {
     pub fn start(
         journal: Box<dyn Journal>,
         channel_capacity: usize,
+        fsync: FsyncPolicy,
     ) -> std::io::Result<Arc<Ledger>> {
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
-        let written = Arc::new(AtomicU64::new(0));
-        let writer_written = written.clone();
+        let shared = Arc::new(WriterShared::default());
+        shared.last_seq.store(journal.last_seq(), Ordering::Release);
+        shared
+            .size_bytes
+            .store(journal.size_bytes(), Ordering::Release);
+        let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("tollgate-journal".into())
-            .spawn(move || write_loop(journal, rx, &writer_written))?;
+            .spawn(move || write_loop(journal, rx, &writer_shared, fsync))?;
+        if let FsyncPolicy::Interval(every) = fsync {
+            // The timer only holds a weak sender, so it ends once the ledger is gone.
+            let ticks = tx.downgrade();
+            std::thread::Builder::new()
+                .name("tollgate-journal-tick".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        let Some(tx) = ticks.upgrade() else { return };
+                        let _ = tx.try_send(Message::Tick);
+                    }
+                })?;
+        }
         Ok(Arc::new(Ledger {
             tx,
             submitted: AtomicU64::new(0),
-            written,
+            shared,
         }))
+    }
+
+    /// What the writer publishes (flusher, metrics).
+    pub fn shared(&self) -> &Arc<WriterShared> {
+        &self.shared
+    }
+
+    /// Journal size on disk, bytes.
+    pub fn journal_bytes(&self) -> u64 {
+        self.shared.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Sequence number of the last entry written.
+    pub fn last_seq(&self) -> u64 {
+        self.shared.last_seq.load(Ordering::Acquire)
     }
 
     /// Hands a record to the writer. Never blocks: when the channel is full the record waits
     /// in a task for room (back-pressure is counted, records are never dropped).
-    pub fn submit(&self, record: UsageRecord) {
+    pub fn submit(&self, entry: impl Into<LedgerEntry>) {
         self.submitted.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Message::Record(Box::new(record))) {
+        match self.tx.try_send(Message::Record(Box::new(entry.into()))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 let tx = self.tx.clone();
@@ -185,7 +339,7 @@ impl Ledger {
 
     /// Records appended to the journal so far.
     pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Acquire)
+        self.shared.written.load(Ordering::Acquire)
     }
 
     /// Returns once every record submitted before the call is written and synced to disk.
@@ -220,15 +374,24 @@ impl Ledger {
     }
 }
 
-fn write_loop(mut journal: Box<dyn Journal>, mut rx: mpsc::Receiver<Message>, written: &AtomicU64) {
-    let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
+fn write_loop(
+    mut journal: Box<dyn Journal>,
+    mut rx: mpsc::Receiver<Message>,
+    shared: &WriterShared,
+    fsync: FsyncPolicy,
+) {
+    let mut batch: Vec<LedgerEntry> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut unsynced = false;
+    let mut last_sync = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
+        let mut tick = false;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Message::Record(r) => batch.push(*r),
                 Message::Sync(w) => waiters.push(w),
+                Message::Tick => tick = true,
             }
             if batch.len() >= MAX_BATCH {
                 break;
@@ -245,19 +408,42 @@ fn write_loop(mut journal: Box<dyn Journal>, mut rx: mpsc::Receiver<Message>, wr
                     }
                 }
             }
-            written.fetch_add(batch.len() as u64, Ordering::Release);
+            unsynced = true;
+        }
+        let due = match fsync {
+            FsyncPolicy::Always => unsynced,
+            FsyncPolicy::Interval(every) => unsynced && (tick || last_sync.elapsed() >= every),
+            FsyncPolicy::Never => false,
+        };
+        if (due || !waiters.is_empty()) && unsynced {
+            loop {
+                match journal.sync() {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "journal fsync failed; retrying");
+                        std::thread::sleep(WRITE_RETRY_DELAY);
+                    }
+                }
+            }
+            unsynced = false;
+            last_sync = std::time::Instant::now();
+        }
+        if !batch.is_empty() {
+            shared
+                .written
+                .fetch_add(batch.len() as u64, Ordering::Release);
+            shared.last_seq.store(journal.last_seq(), Ordering::Release);
+            shared
+                .size_bytes
+                .store(journal.size_bytes(), Ordering::Release);
+            shared.appended.notify_waiters();
             batch.clear();
         }
-        if !waiters.is_empty() {
-            if let Err(e) = journal.sync() {
-                tracing::error!(error = %e, "journal sync failed");
-            }
-            for w in waiters.drain(..) {
-                let _ = w.send(());
-            }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
         }
     }
-    if let Err(e) = journal.flush() {
-        tracing::error!(error = %e, "final journal flush failed");
+    if let Err(e) = journal.sync() {
+        tracing::error!(error = %e, "final journal sync failed");
     }
 }

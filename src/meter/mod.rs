@@ -25,7 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::alert::{AlertEvent, AlertKind, Alerter};
 use crate::balance::{AccountPolicy, AccountState, Crossing, Reservation};
 use crate::config::Dialect;
-use crate::ledger::{Dimensions, Ledger, Outcome, UsageRecord};
+use crate::ledger::{Dimensions, GrantEntry, GrantSource, Ledger, Outcome, UsageRecord};
 use crate::metrics::Metrics;
 use crate::pricing::{ModelPrice, from_nanos};
 use crate::provider::{self, Endpoint, ErrorKind, StreamUsage, TokenUsage, anthropic, openai};
@@ -81,8 +81,13 @@ pub struct AlertRoute {
 
 impl Billing {
     /// Prices the record's usage, settles the account, fills the record's cost fields and
-    /// announces crossed thresholds.
-    pub fn settle(mut self, record: &mut UsageRecord, now: chrono::DateTime<chrono::Utc>) {
+    /// announces crossed thresholds. Returns the journal entry of an automatic top-up it
+    /// triggered.
+    pub fn settle(
+        mut self,
+        record: &mut UsageRecord,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<GrantEntry> {
         let rated_book = match (&self.price, record.outcome.is_billable()) {
             (Some(price), true) => price.rate(&record.usage, record.upstream_total_us),
             _ => 0,
@@ -110,14 +115,21 @@ impl Billing {
         if let Some(route) = &self.alerts {
             route.announce(&self.policy, &self.account, settlement.crossings);
         }
-        if let Some(grant) = settlement.topup {
+        settlement.topup.map(|grant| {
             tracing::info!(
                 account = %self.policy.id,
                 grant = %grant.id,
                 amount = %from_nanos(grant.amount),
                 "automatic top-up added"
             );
-        }
+            GrantEntry::new(
+                &self.policy.id,
+                &self.policy.unit,
+                &grant,
+                GrantSource::AutoTopUp,
+                now,
+            )
+        })
     }
 }
 
@@ -570,15 +582,21 @@ impl Meter {
         };
         match fallback {
             None => {
-                billing.settle(&mut record, chrono::Utc::now());
+                let topup = billing.settle(&mut record, chrono::Utc::now());
                 ledger.submit(record);
+                if let Some(grant) = topup {
+                    ledger.submit(grant);
+                }
             }
             Some(fallback) => {
                 record.estimated = true;
                 let run = move || {
                     record.usage = fallback.estimate(endpoint, dialect, record.model.as_deref());
-                    billing.settle(&mut record, chrono::Utc::now());
+                    let topup = billing.settle(&mut record, chrono::Utc::now());
                     ledger.submit(record);
+                    if let Some(grant) = topup {
+                        ledger.submit(grant);
+                    }
                 };
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {

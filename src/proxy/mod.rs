@@ -350,6 +350,15 @@ impl Gateway {
         });
         let id = record.id;
         self.ledger.submit(record);
+        if let Some(grant) = settlement.topup {
+            self.ledger.submit(crate::ledger::GrantEntry::new(
+                &policy.id,
+                &policy.unit,
+                &grant,
+                crate::ledger::GrantSource::AutoTopUp,
+                now,
+            ));
+        }
         let mut response = Response::new(GatewayBody::full(Bytes::from(reply.to_string())));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

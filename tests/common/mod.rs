@@ -42,7 +42,7 @@ shutdown_grace_ms = 2000
 {server}
 
 [journal]
-path = "{journal}"
+dir = "{journal}"
 
 [[upstreams]]
 name = "mock-openai"
