@@ -283,7 +283,52 @@ impl Admin {
                 a.dropped(),
             ));
         }
-        let text = self.gateway.metrics.render(&extra);
+        extra.push((
+            "tollgate_journal_bytes",
+            "Size of the usage journal on disk.",
+            ledger.journal_bytes(),
+        ));
+        let mut text = self.gateway.metrics.render(&extra);
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let progress = self.gateway.sink_progress.load();
+        if !progress.is_empty() {
+            text.push_str("# HELP tollgate_sink_lag_entries Journal entries a sink has not accepted yet.\n# TYPE tollgate_sink_lag_entries gauge\n");
+            for p in progress.iter() {
+                let lag = ledger
+                    .last_seq()
+                    .saturating_sub(p.cursor.load(Ordering::Acquire));
+                let _ = writeln!(
+                    text,
+                    "tollgate_sink_lag_entries{{sink=\"{}\"}} {lag}",
+                    p.name
+                );
+            }
+            text.push_str("# HELP tollgate_sink_lag_seconds Age of the oldest entry a sink has not accepted.\n# TYPE tollgate_sink_lag_seconds gauge\n");
+            let now = chrono::Utc::now().timestamp_millis();
+            for p in progress.iter() {
+                let oldest = p.oldest_pending_ms.load(Ordering::Acquire);
+                let lag = if oldest == 0 {
+                    0.0
+                } else {
+                    (now - oldest).max(0) as f64 / 1000.0
+                };
+                let _ = writeln!(
+                    text,
+                    "tollgate_sink_lag_seconds{{sink=\"{}\"}} {lag}",
+                    p.name
+                );
+            }
+            text.push_str("# HELP tollgate_sink_failures_total Failed delivery attempts per sink.\n# TYPE tollgate_sink_failures_total counter\n");
+            for p in progress.iter() {
+                let _ = writeln!(
+                    text,
+                    "tollgate_sink_failures_total{{sink=\"{}\"}} {}",
+                    p.name,
+                    p.failures.load(Ordering::Relaxed)
+                );
+            }
+        }
         let mut r = Response::new(Full::new(Bytes::from(text)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,

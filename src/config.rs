@@ -88,6 +88,8 @@ struct RawConfig {
     plans: Vec<RawPlan>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+    #[serde(default)]
+    sinks: Vec<crate::ledger::sinks::RawSinkConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +387,8 @@ pub struct Config {
     pub prices: PriceBook,
     /// Account policies by id; keys of unlisted accounts are metered without limits.
     pub accounts: HashMap<String, Arc<AccountPolicy>>,
+    /// Upstream ledgers the journal is flushed to.
+    pub sinks: Vec<crate::ledger::sinks::SinkConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -842,6 +846,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             max_attempts: raw.alerts.max_attempts,
         };
 
+    let sinks = crate::ledger::sinks::validate(raw.sinks, env, &mut problems);
     let prices = validate_prices(raw.prices, raw.outcome_prices, &mut problems);
     let plans = validate_plans(raw.plans, &mut problems);
     let accounts = validate_accounts(raw.accounts, &plans, &mut problems);
@@ -867,6 +872,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             alerts,
             prices,
             accounts,
+            sinks,
         })
     } else {
         Err(ConfigError { problems })

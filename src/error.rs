@@ -42,6 +42,10 @@ pub enum GatewayError {
     Unpriced { model: String, account: String },
     #[error("no price is configured for outcome `{0}`")]
     UnknownOutcome(String),
+    #[error(
+        "the usage journal is over its disk budget; new requests are refused until sinks catch up"
+    )]
+    JournalFull,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -75,6 +79,7 @@ impl GatewayError {
                 (StatusCode::TOO_MANY_REQUESTS, ErrorKind::RateLimit)
             }
             GatewayError::UnknownOutcome(_) => (StatusCode::NOT_FOUND, ErrorKind::NotFound),
+            GatewayError::JournalFull => (StatusCode::SERVICE_UNAVAILABLE, ErrorKind::Internal),
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Internal),
         }
     }

@@ -136,8 +136,15 @@ impl GatewayBuilder {
             alerter,
             clock: std::time::Instant::now(),
             metrics: Arc::new(metrics::Metrics::default()),
+            sink_progress: ArcSwap::from_pointee(Vec::new()),
         });
         replay(&gateway, recovery.entries);
+        let sinks = ledger::sinks::build(&gateway.snapshot.load().config.sinks).await;
+        let flusher =
+            ledger::flusher::Flusher::start(&journal_config.dir, sinks, ledger.shared().clone());
+        gateway
+            .sink_progress
+            .store(Arc::new(flusher.progress.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let data_plane =
             server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
@@ -183,6 +190,8 @@ impl GatewayBuilder {
             admin_task,
             reloader,
             _watcher: watcher,
+            flusher,
+            grace,
         })
     }
 }
@@ -253,6 +262,8 @@ pub struct RunningGateway {
     admin_task: Option<JoinHandle<()>>,
     reloader: Arc<reload::Reloader>,
     _watcher: Option<notify::RecommendedWatcher>,
+    flusher: ledger::flusher::Flusher,
+    grace: std::time::Duration,
 }
 
 impl RunningGateway {
@@ -292,6 +303,8 @@ impl RunningGateway {
             tracing::error!(error = %e, "admin task failed");
         }
         self.gateway.ledger.close().await;
+        // A last, bounded flush to the sinks; what is left resumes from the cursors.
+        self.flusher.shutdown(self.grace).await;
         if let Some(alerter) = &self.gateway.alerter
             && !alerter.drain(ALERT_DRAIN_TIMEOUT).await
         {

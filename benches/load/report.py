@@ -149,7 +149,7 @@ def main():
                     if s["journal_completed"] < s["requests"]:
                         problems.append(
                             f"{kind}/{sc}/tollgate: journal has {s['journal_completed']} new "
-                            f"completed records ({s['journal_lines']} lines) < {s['requests']} "
+                            f"completed records ({s['journal_lines']} entries) < {s['requests']} "
                             f"requests wrk completed"
                         )
                     if s["journal_completed_wrong_tokens"]:
@@ -227,7 +227,7 @@ def main():
                 )
                 print(
                     f"  - metering: wrk completed {t['requests']:,} requests; journal +"
-                    f"{t['journal_lines']:,} lines = {t['journal_completed']:,} completed"
+                    f"{t['journal_lines']:,} usage entries = {t['journal_completed']:,} completed"
                     f"{' + ' + others if others else ''} ({ok}; "
                     f"{t['journal_completed_wrong_tokens']} with wrong tokens; "
                     f"{t['journal_distinct_keys']:,} distinct keys in one run)"

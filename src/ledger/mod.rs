@@ -7,6 +7,7 @@
 
 pub mod cloudevents;
 pub mod file_sink;
+pub mod flusher;
 pub mod journal;
 pub mod postgres;
 pub mod sink;
@@ -226,7 +227,8 @@ impl From<GrantEntry> for LedgerEntry {
 }
 
 enum Message {
-    Record(Box<LedgerEntry>),
+    /// An entry, and who to tell once it is written.
+    Record(Box<LedgerEntry>, Option<oneshot::Sender<()>>),
     Sync(oneshot::Sender<()>),
     /// Group-commit timer: fsync if anything is unsynced.
     Tick,
@@ -306,8 +308,27 @@ impl Ledger {
     /// Hands a record to the writer. Never blocks: when the channel is full the record waits
     /// in a task for room (back-pressure is counted, records are never dropped).
     pub fn submit(&self, entry: impl Into<LedgerEntry>) {
+        self.send(Message::Record(Box::new(entry.into()), None));
+    }
+
+    /// Like [`Ledger::submit`], and the returned receiver completes once the entry is written
+    /// to the journal (handed to the OS; with `fsync = "always"`, synced). The metered body
+    /// holds the end of a response on it, so a response a client received is never lost to a
+    /// crash of the process.
+    pub fn submit_acked(&self, entry: impl Into<LedgerEntry>) -> oneshot::Receiver<()> {
+        let (ack, written) = oneshot::channel();
+        self.send(Message::Record(Box::new(entry.into()), Some(ack)));
+        written
+    }
+
+    /// Like [`Ledger::submit_acked`], completing a sender the caller made.
+    pub fn submit_notify(&self, entry: impl Into<LedgerEntry>, ack: oneshot::Sender<()>) {
+        self.send(Message::Record(Box::new(entry.into()), Some(ack)));
+    }
+
+    fn send(&self, msg: Message) {
         self.submitted.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Message::Record(Box::new(entry.into()))) {
+        match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 let tx = self.tx.clone();
@@ -382,6 +403,7 @@ fn write_loop(
 ) {
     let mut batch: Vec<LedgerEntry> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut unsynced = false;
     let mut last_sync = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
@@ -389,7 +411,10 @@ fn write_loop(
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Message::Record(r) => batch.push(*r),
+                Message::Record(r, ack) => {
+                    batch.push(*r);
+                    acks.extend(ack);
+                }
                 Message::Sync(w) => waiters.push(w),
                 Message::Tick => tick = true,
             }
@@ -439,7 +464,7 @@ fn write_loop(
             shared.appended.notify_waiters();
             batch.clear();
         }
-        for w in waiters.drain(..) {
+        for w in waiters.drain(..).chain(acks.drain(..)) {
             let _ = w.send(());
         }
     }

@@ -14,6 +14,7 @@
 pub mod sse;
 pub mod tokenizer;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -249,6 +250,9 @@ pub struct Meter {
     events_seen: u64,
     /// The account cannot afford more output: end the stream.
     cut: bool,
+    /// Completes when the record is written to the journal; the end of the response waits
+    /// for it.
+    journaled: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// The metrics label of calls no price-book entry prices.
@@ -270,7 +274,13 @@ impl Meter {
             stream_error: false,
             events_seen: 0,
             cut: false,
+            journaled: None,
         }
+    }
+
+    /// The pending journal acknowledgement of the finished record.
+    pub fn take_journaled(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.journaled.take()
     }
 
     /// Whether the stream must end now because the account ran out (checked per chunk).
@@ -580,23 +590,25 @@ impl Meter {
                 }
             }
         };
+        let (ack, journaled) = tokio::sync::oneshot::channel();
+        self.journaled = Some(journaled);
         match fallback {
             None => {
                 let topup = billing.settle(&mut record, chrono::Utc::now());
-                ledger.submit(record);
                 if let Some(grant) = topup {
                     ledger.submit(grant);
                 }
+                ledger.submit_notify(record, ack);
             }
             Some(fallback) => {
                 record.estimated = true;
                 let run = move || {
                     record.usage = fallback.estimate(endpoint, dialect, record.model.as_deref());
                     let topup = billing.settle(&mut record, chrono::Utc::now());
-                    ledger.submit(record);
                     if let Some(grant) = topup {
                         ledger.submit(grant);
                     }
+                    ledger.submit_notify(record, ack);
                 };
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
@@ -726,10 +738,26 @@ pub fn estimate_prompt(endpoint: Endpoint, dialect: Dialect, model: &str, body: 
     tokenizer::count(model, &text) + framing
 }
 
+/// Concatenates the last data chunk and a tail to send after it.
+fn join(out: Bytes, tail: Option<Bytes>) -> Option<Bytes> {
+    match (out.is_empty(), tail) {
+        (true, tail) => tail,
+        (false, None) => Some(out),
+        (false, Some(tail)) => {
+            let mut both = BytesMut::with_capacity(out.len() + tail.len());
+            both.extend_from_slice(&out);
+            both.extend_from_slice(&tail);
+            Some(both.freeze())
+        }
+    }
+}
+
 /// The client-facing response body: the upstream body run through a [`Meter`].
 pub struct MeteredBody<B> {
     inner: B,
     meter: Meter,
+    /// The record's journal write, awaited before the response's last bytes go out.
+    journaled: Option<tokio::sync::oneshot::Receiver<()>>,
     /// A last frame to send before ending (error event, unterminated tail).
     trailer: Option<Bytes>,
     ended: bool,
@@ -740,6 +768,7 @@ impl<B> MeteredBody<B> {
         Self {
             inner,
             meter,
+            journaled: None,
             trailer: None,
             ended: false,
         }
@@ -761,6 +790,12 @@ where
         let this = &mut *self;
         loop {
             if this.ended {
+                // The response ends only once its usage record is in the journal: a client
+                // that saw the whole response can rely on it being metered.
+                if let Some(journaled) = this.journaled.as_mut() {
+                    let _ = ready!(Pin::new(journaled).poll(cx));
+                    this.journaled = None;
+                }
                 return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -769,22 +804,33 @@ where
                         let out = this.meter.on_data(data);
                         // A body of known length is done once its last byte arrives; the
                         // server may not poll again, so settle now rather than on drop.
-                        if this.meter.is_cut() {
-                            this.ended = true;
-                            this.trailer = this.meter.on_cut();
+                        let tail = if this.meter.is_cut() {
+                            Some(this.meter.on_cut())
                         } else if this.inner.is_end_stream() {
-                            this.ended = true;
-                            this.trailer = this.meter.on_end();
-                        }
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                            Some(this.meter.on_end())
+                        } else {
+                            None
+                        };
+                        match tail {
+                            None if !out.is_empty() => {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                            None => {}
+                            Some(tail) => {
+                                // Hold the last bytes until the record is journaled.
+                                this.ended = true;
+                                this.journaled = this.meter.take_journaled();
+                                this.trailer = join(out, tail);
+                            }
                         }
                     }
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
                 Some(Err(e)) => {
                     this.ended = true;
-                    match this.meter.on_body_error(&e) {
+                    let event = this.meter.on_body_error(&e);
+                    this.journaled = this.meter.take_journaled();
+                    match event {
                         Some(event) => this.trailer = Some(event),
                         None => return Poll::Ready(Some(Err(e))),
                     }
@@ -792,13 +838,14 @@ where
                 None => {
                     this.ended = true;
                     this.trailer = this.meter.on_end();
+                    this.journaled = this.meter.take_journaled();
                 }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.trailer.is_none()
+        self.ended && self.trailer.is_none() && self.journaled.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

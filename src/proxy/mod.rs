@@ -66,6 +66,8 @@ pub struct Gateway {
     /// Origin of the monotonic clock the throttles run on.
     pub clock: Instant,
     pub metrics: Arc<Metrics>,
+    /// Each sink's flush progress (cursor, failures, lag), for metrics.
+    pub sink_progress: ArcSwap<Vec<Arc<crate::ledger::flusher::SinkProgress>>>,
 }
 
 /// The response body type of the data plane.
@@ -191,6 +193,20 @@ impl Gateway {
         }
 
         let upstream_req = build_upstream_request(&parts, &upstream, upstream_body, endpoint)?;
+
+        // The journal is the record of what is owed: over its disk budget, refuse new work
+        // (or, when configured to keep serving, say so loudly).
+        let journal = &snapshot.config.journal;
+        if self.ledger.journal_bytes() > journal.max_bytes {
+            if journal.refuse_when_full {
+                return Err(GatewayError::JournalFull);
+            }
+            tracing::error!(
+                bytes = self.ledger.journal_bytes(),
+                budget = journal.max_bytes,
+                "usage journal is over its disk budget; serving anyway (journal.on_full = serve)"
+            );
+        }
 
         // Admit: throttle, then reserve the worst-case cost before the upstream is paid.
         let billing = self
@@ -542,6 +558,7 @@ fn refusal_reason(e: &GatewayError) -> Option<RefusalReason> {
         GatewayError::Unpriced { .. } => Some(RefusalReason::Balance),
         GatewayError::UpstreamUnreachable { .. }
         | GatewayError::UpstreamTimeout { .. }
+        | GatewayError::JournalFull
         | GatewayError::Internal(_) => None,
     }
 }
