@@ -74,28 +74,32 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, UpstreamBuildError> {
-        let keys = config
-            .keys
-            .iter()
-            .map(|k| {
-                (
-                    k.sha256,
-                    Arc::new(ApiKey {
-                        id: Arc::from(k.id.as_str()),
-                        account: Arc::from(k.account.as_str()),
-                        disabled: k.disabled,
-                        policy: config
-                            .accounts
-                            .get(&k.account)
-                            .cloned()
-                            .unwrap_or_else(|| Arc::new(AccountPolicy::unlimited(&k.account))),
-                        rpm: k.rpm,
-                        tpm: k.tpm,
-                        owner_webhook: k.owner_webhook.clone(),
-                    }),
-                )
-            })
-            .collect();
+        // Keys of unlisted accounts share one unlimited policy per account (a million keys
+        // over ten thousand accounts must not carry a million policies).
+        let mut implicit: HashMap<&str, Arc<AccountPolicy>> = HashMap::new();
+        let mut keys = HashMap::with_capacity(config.keys.len());
+        for k in &config.keys {
+            let policy = match config.accounts.get(&k.account) {
+                Some(p) => p.clone(),
+                None => implicit
+                    .entry(k.account.as_str())
+                    .or_insert_with(|| Arc::new(AccountPolicy::unlimited(&k.account)))
+                    .clone(),
+            };
+            keys.insert(
+                k.sha256,
+                Arc::new(ApiKey {
+                    id: Arc::from(k.id.as_str()),
+                    account: policy.id.clone(),
+                    disabled: k.disabled,
+                    policy,
+                    rpm: k.rpm,
+                    tpm: k.tpm,
+                    owner_webhook: k.owner_webhook.clone(),
+                }),
+            );
+        }
+        drop(implicit);
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut defaults = HashMap::new();
         for (index, u) in config.upstreams.iter().enumerate() {
