@@ -27,6 +27,9 @@ use crate::proxy::snapshot::Snapshot;
 
 /// Quiet time after the last file event before a reload starts.
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Pause between two reads that must agree before a watched file is reloaded.
+const STABLE_READ_PAUSE: Duration = Duration::from_millis(50);
+const STABLE_READ_ATTEMPTS: usize = 20;
 
 /// What a reload changed (or, for a dry run, would change).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -343,6 +346,12 @@ impl Reloader {
         Ok(diff)
     }
 
+    /// Digest of the file's current content (None when unreadable).
+    fn file_digest(&self) -> Option<[u8; 32]> {
+        let text = std::fs::read(self.path.as_deref()?).ok()?;
+        Some(Sha256::digest(&text).into())
+    }
+
     /// Whether the file's content differs from what was last applied.
     fn file_changed(&self) -> bool {
         let Some(path) = self.path.as_deref() else {
@@ -385,6 +394,18 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
                     Ok(None) => return,
                     Err(_) => break,
                 }
+            }
+            // An editor may still be writing (truncate, then write): reload only once the
+            // content holds still across a short pause, so a half-written file is not
+            // mistaken for an invalid config.
+            let mut previous = reloader.file_digest();
+            for _ in 0..STABLE_READ_ATTEMPTS {
+                tokio::time::sleep(STABLE_READ_PAUSE).await;
+                let now = reloader.file_digest();
+                if now == previous {
+                    break;
+                }
+                previous = now;
             }
             if reloader.file_changed() {
                 let _ = reloader.reload_file().await;
