@@ -224,27 +224,33 @@ for _ in $(seq 1 100); do
 done
 [ -n "$MOCK_ADDR" ] || die "the mock did not report its address"
 
-log "generating the tollgate config ($NKEYS keys)"
+log "generating the tollgate config ($NKEYS keys)"  # per scenario, in start_tollgate
 # `[journal] dir` (segment directory); builds from before it have `[journal] path` (JSON lines).
-JOURNAL="$WORK/journal"
-python3 "$LOAD_DIR/gen-config.py" "$WORK/tollgate.toml" "$MOCK_ADDR" "$JOURNAL" "$NKEYS" dir
-if ! BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "$BIN/tollgate" check-config "$WORK/tollgate.toml" \
-    >"$WORK/check-config.out" 2>&1; then
-  JOURNAL="$WORK/journal.jsonl"
-  python3 "$LOAD_DIR/gen-config.py" "$WORK/tollgate.toml" "$MOCK_ADDR" "$JOURNAL" "$NKEYS" path
-  BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "$BIN/tollgate" check-config "$WORK/tollgate.toml" \
-    >>"$WORK/check-config.out" 2>&1 || { cat "$WORK/check-config.out" >&2; die "generated config rejected"; }
+# Each scenario gets a fresh journal: tollgate replays its journal at startup, so a restart on
+# the previous scenario's one would measure that replay (time, memory) instead.
+JOURNAL_KEY=dir
+gen_config() {  # Args: scenario. Sets JOURNAL, writes $WORK/tollgate-<scenario>.toml.
+  if [ "$JOURNAL_KEY" = dir ]; then JOURNAL="$WORK/journal-$1"; else JOURNAL="$WORK/journal-$1.jsonl"; fi
+  python3 "$LOAD_DIR/gen-config.py" "$WORK/tollgate-$1.toml" "$MOCK_ADDR" "$JOURNAL" "$NKEYS" "$JOURNAL_KEY"
+  BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "$BIN/tollgate" check-config "$WORK/tollgate-$1.toml" \
+    >"$WORK/check-config.out" 2>&1
+}
+if ! gen_config probe; then
+  JOURNAL_KEY=path
+  gen_config probe || { cat "$WORK/check-config.out" >&2; die "generated config rejected"; }
 fi
 
 TG_PID="" TG_ADDR="" NGX_PID="" NGX_ADDR="" NGX_WORKERS=""
 start_tollgate() {
   local logf="$WORK/tollgate-$1.log"
+  gen_config "$1" || { cat "$WORK/check-config.out" >&2; die "generated config rejected"; }
+  JCURSOR=""
   BENCH_UPSTREAM_KEY="$UPSTREAM_KEY" "${PIN_PROXY[@]}" "$BIN/tollgate" serve \
-    --config "$WORK/tollgate.toml" --worker-threads 1 --log-format json >"$logf" 2>&1 &
+    --config "$WORK/tollgate-$1.toml" --worker-threads 1 --log-format json >"$logf" 2>&1 &
   TG_PID=$!
   PIDS+=("$TG_PID")
   TG_ADDR=""
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 600); do
     TG_ADDR="$(sed -n 's/.*"message":"tollgate listening","addr":"\([^"]*\)".*/\1/p' "$logf" 2>/dev/null)"
     [ -n "$TG_ADDR" ] && return 0
     kill -0 "$TG_PID" 2>/dev/null || { cat "$logf" >&2; die "tollgate exited"; }

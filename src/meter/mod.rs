@@ -258,6 +258,9 @@ pub struct Meter {
 /// The metrics label of calls no price-book entry prices.
 const UNPRICED_LABEL: &str = "unpriced";
 
+/// Most bytes coalesced into one client frame from chunks already waiting upstream.
+const COALESCE_BYTES: usize = 16 * 1024;
+
 /// Output tokens added to a stream's reservation each time it runs past it.
 const STREAM_EXTENSION_TOKENS: u64 = 256;
 
@@ -281,6 +284,12 @@ impl Meter {
     /// The pending journal acknowledgement of the finished record.
     pub fn take_journaled(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.journaled.take()
+    }
+
+    /// Whether chunks are coalesced: event streams, where upstreams write one event per
+    /// chunk. Other bodies pass frame for frame.
+    fn coalesces(&self) -> bool {
+        matches!(self.mode, Mode::Sse { .. })
     }
 
     /// Whether the stream must end now because the account ran out (checked per chunk).
@@ -753,9 +762,13 @@ fn join(out: Bytes, tail: Option<Bytes>) -> Option<Bytes> {
 }
 
 /// The client-facing response body: the upstream body run through a [`Meter`].
-pub struct MeteredBody<B> {
+pub struct MeteredBody<B: Body> {
     inner: B,
     meter: Meter,
+    /// An upstream error to report after the data coalesced before it.
+    stashed_error: Option<B::Error>,
+    /// Trailers that arrived behind coalesced data.
+    stashed_trailers: Option<http::HeaderMap>,
     /// The record's journal write, awaited before the response's last bytes go out.
     journaled: Option<tokio::sync::oneshot::Receiver<()>>,
     /// A last frame to send before ending (error event, unterminated tail).
@@ -763,11 +776,13 @@ pub struct MeteredBody<B> {
     ended: bool,
 }
 
-impl<B> MeteredBody<B> {
+impl<B: Body> MeteredBody<B> {
     pub fn new(inner: B, meter: Meter) -> Self {
         Self {
             inner,
             meter,
+            stashed_error: None,
+            stashed_trailers: None,
             journaled: None,
             trailer: None,
             ended: false,
@@ -778,7 +793,7 @@ impl<B> MeteredBody<B> {
 impl<B> Body for MeteredBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: std::fmt::Display + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -788,8 +803,20 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
+        if let Some(e) = this.stashed_error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if let Some(t) = this.stashed_trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        // Chunks already waiting upstream are coalesced into one frame (one write to the
+        // client instead of one per event); nothing waits for more to arrive.
+        let mut acc: Option<BytesMut> = None;
         loop {
             if this.ended {
+                if let Some(acc) = acc.take() {
+                    this.trailer = join(acc.freeze(), this.trailer.take());
+                }
                 // The response ends only once its usage record is in the journal: a client
                 // that saw the whole response can rely on it being metered.
                 if let Some(journaled) = this.journaled.as_mut() {
@@ -798,7 +825,16 @@ where
                 }
                 return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    return match acc {
+                        Some(acc) => Poll::Ready(Some(Ok(Frame::data(acc.freeze())))),
+                        None => Poll::Pending,
+                    };
+                }
+                Poll::Ready(polled) => polled,
+            };
+            match polled {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let out = this.meter.on_data(data);
@@ -811,20 +847,50 @@ where
                         } else {
                             None
                         };
-                        match tail {
-                            None if !out.is_empty() => {
+                        if let Some(tail) = tail {
+                            // Hold the last bytes until the record is journaled.
+                            this.ended = true;
+                            this.journaled = this.meter.take_journaled();
+                            let out = match acc.take() {
+                                Some(mut a) => {
+                                    a.extend_from_slice(&out);
+                                    a.freeze()
+                                }
+                                None => out,
+                            };
+                            this.trailer = join(out, tail);
+                            continue;
+                        }
+                        if out.is_empty() {
+                            continue;
+                        }
+                        match acc.as_mut() {
+                            None if !this.meter.coalesces() => {
                                 return Poll::Ready(Some(Ok(Frame::data(out))));
                             }
-                            None => {}
-                            Some(tail) => {
-                                // Hold the last bytes until the record is journaled.
-                                this.ended = true;
-                                this.journaled = this.meter.take_journaled();
-                                this.trailer = join(out, tail);
+                            None => {
+                                let mut a =
+                                    BytesMut::with_capacity(out.len().max(COALESCE_BYTES / 4));
+                                a.extend_from_slice(&out);
+                                acc = Some(a);
                             }
+                            Some(a) => a.extend_from_slice(&out),
+                        }
+                        if acc.as_ref().is_some_and(|a| a.len() >= COALESCE_BYTES) {
+                            return Poll::Ready(acc.take().map(|a| Ok(Frame::data(a.freeze()))));
                         }
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => {
+                        if let Some(a) = acc.take() {
+                            // Rare (trailers): send the data first, the frame is dropped
+                            // only if it is not data or trailers.
+                            if let Ok(t) = frame.into_trailers() {
+                                this.stashed_trailers = Some(t);
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(a.freeze()))));
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                 },
                 Some(Err(e)) => {
                     this.ended = true;
@@ -832,7 +898,13 @@ where
                     this.journaled = this.meter.take_journaled();
                     match event {
                         Some(event) => this.trailer = Some(event),
-                        None => return Poll::Ready(Some(Err(e))),
+                        None => {
+                            if let Some(a) = acc.take() {
+                                this.stashed_error = Some(e);
+                                return Poll::Ready(Some(Ok(Frame::data(a.freeze()))));
+                            }
+                            return Poll::Ready(Some(Err(e)));
+                        }
                     }
                 }
                 None => {
