@@ -207,13 +207,24 @@ impl Admin {
         match state.add_grant(&policy, spec.clone(), now) {
             Ok(()) => {
                 tracing::info!(account = %id, grant = %spec.id, amount = %grant.amount, "grant added by admin");
-                self.gateway.ledger.submit(crate::ledger::GrantEntry::new(
-                    id,
-                    &policy.unit,
-                    &spec,
-                    crate::ledger::GrantSource::Admin,
-                    now,
-                ));
+                // Reply only once the grant is in the journal: a crash cannot lose a grant
+                // the caller was told about.
+                let written = self
+                    .gateway
+                    .ledger
+                    .submit_acked(crate::ledger::GrantEntry::new(
+                        id,
+                        &policy.unit,
+                        &spec,
+                        crate::ledger::GrantSource::Admin,
+                        now,
+                    ));
+                if written.await.is_err() {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the grant was applied but the journal is shutting down",
+                    );
+                }
                 json(StatusCode::CREATED, &state.view(&policy))
             }
             Err(e) if e.contains("already exists") => error(StatusCode::CONFLICT, &e),

@@ -343,10 +343,12 @@ impl AccountState {
         state
     }
 
-    /// Adds the policy's configured grants this state has not seen (by id).
+    /// Adds the policy's configured grants this state has not seen (by id). Configured
+    /// grants date from the epoch, so they sort the same on every start (replay after a
+    /// restart draws them in the same order as the live run did).
     pub fn sync_grants(&self, policy: &AccountPolicy, now: DateTime<Utc>) {
         for spec in &policy.grants {
-            let _ = self.add_grant(policy, spec.clone(), now);
+            let _ = self.add_grant_created(policy, spec.clone(), now, DateTime::UNIX_EPOCH);
         }
     }
 
@@ -357,6 +359,17 @@ impl AccountState {
         policy: &AccountPolicy,
         spec: GrantSpec,
         now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        self.add_grant_created(policy, spec, now, now)
+    }
+
+    /// [`AccountState::add_grant`] with an explicit creation time for the draw order.
+    pub fn add_grant_created(
+        &self,
+        policy: &AccountPolicy,
+        spec: GrantSpec,
+        now: DateTime<Utc>,
+        created_at: DateTime<Utc>,
     ) -> Result<(), String> {
         let _guard = self
             .admin
@@ -389,7 +402,7 @@ impl AccountState {
         let grant = Arc::new(Grant {
             remaining: AtomicI64::new(amount - repay),
             expired: AtomicBool::new(false),
-            created_at: now,
+            created_at,
             expires_at,
             spec,
         });

@@ -1,7 +1,9 @@
 //! The tokenizer fallback: when a provider's usage figures are missing (provider omits them,
 //! stream broken, client gone), tokens are counted with tiktoken-rs. Counting runs at roughly
-//! 13 MB/s per core, so it never runs on the request path: callers invoke it from a blocking
-//! task after the response is done.
+//! 13 MB/s per core, so whole prompts and responses are counted on a blocking task after the
+//! response is done. The one use on the request path is a stream on a budget (an account
+//! with limits), which counts each event's few bytes of text as it passes; the encoder is
+//! built at start (`warm_up`) so that never waits for initialisation in steady state.
 
 use tiktoken_rs::CoreBPE;
 
