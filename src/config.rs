@@ -40,6 +40,8 @@ pub const DEFAULT_JOURNAL_DIR: &str = "data/journal";
 pub const DEFAULT_FSYNC_INTERVAL_MS: u64 = 5;
 /// Default journal segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default interval between journal checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 10_000;
 /// Default journal disk budget: 10 GiB.
 pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 /// Default capacity of the channel between the request path and the journal writer.
@@ -271,6 +273,8 @@ struct RawJournal {
     /// When the budget is exhausted: `refuse` new metered requests (503, default) or `serve`
     /// and alarm (log + metric).
     on_full: Option<String>,
+    /// How often delivered segments are checkpointed and deleted, milliseconds. Default 10 000.
+    checkpoint_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,6 +430,7 @@ pub struct JournalConfig {
     pub max_bytes: u64,
     /// Refuse new metered requests when the journal is over budget (else serve and alarm).
     pub refuse_when_full: bool,
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -620,6 +625,12 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         segment_bytes: raw.journal.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES),
         max_bytes: raw.journal.max_bytes.unwrap_or(DEFAULT_JOURNAL_MAX_BYTES),
         refuse_when_full,
+        checkpoint_interval: Duration::from_millis(
+            raw.journal
+                .checkpoint_interval_ms
+                .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS)
+                .max(10),
+        ),
     };
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());

@@ -121,6 +121,15 @@ impl GatewayBuilder {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let addr = server::local_addr(&listener)?;
+        let checkpoint = ledger::checkpoint::load(&journal_config.dir).map_err(|e| {
+            anyhow::anyhow!(
+                "journal checkpoint in `{}` is unreadable: {e}",
+                journal_config.dir.display()
+            )
+        })?;
+        let (balances, shadow, shadow_seq) =
+            recover_balances(&snapshot.config, checkpoint, &recovery.entries);
+        drop(recovery);
         let alerter = snapshot.config.alerts.signing_secret.clone().map(|secret| {
             let mut config = alert::AlerterConfig::new(secret);
             if let Some(n) = snapshot.config.alerts.max_attempts {
@@ -131,21 +140,41 @@ impl GatewayBuilder {
         let gateway = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             ledger: ledger.clone(),
-            balances: balance::Balances::default(),
+            balances,
             throttles: dashmap::DashMap::new(),
             alerter,
             clock: std::time::Instant::now(),
             metrics: Arc::new(metrics::Metrics::default()),
             sink_progress: ArcSwap::from_pointee(Vec::new()),
         });
-        replay(&gateway, recovery.entries);
+        let (stop_tx, stop_rx) = watch::channel(false);
         let sinks = ledger::sinks::build(&gateway.snapshot.load().config.sinks).await;
         let flusher =
             ledger::flusher::Flusher::start(&journal_config.dir, sinks, ledger.shared().clone());
         gateway
             .sink_progress
             .store(Arc::new(flusher.progress.clone()));
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let policy_gateway = gateway.clone();
+        let policies: ledger::checkpoint::PolicySource = Arc::new(move |account: &str| {
+            policy_gateway
+                .snapshot
+                .load()
+                .config
+                .accounts
+                .get(account)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
+        });
+        let checkpointer = ledger::checkpoint::spawn(
+            &journal_config.dir,
+            shadow,
+            shadow_seq,
+            policies,
+            flusher.progress.clone(),
+            ledger.shared().clone(),
+            journal_config.checkpoint_interval,
+            stop_rx.clone(),
+        );
         let data_plane =
             server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
         let reloader = Arc::new(reload::Reloader::new(
@@ -192,64 +221,56 @@ impl GatewayBuilder {
             _watcher: watcher,
             flusher,
             grace,
+            checkpointer,
         })
     }
 }
 
-/// Rebuilds balances from the journal: charges, and grants added at run time.
-fn replay(gateway: &Gateway, entries: Vec<(u64, ledger::LedgerEntry)>) {
-    let snapshot = gateway.snapshot.load();
+/// Rebuilds balances from the last checkpoint and the journal entries after it, and returns
+/// the checkpointer's shadow copy (the same state, kept apart from the live one).
+fn recover_balances(
+    config: &Config,
+    checkpoint: Option<ledger::checkpoint::Checkpoint>,
+    entries: &[(u64, ledger::LedgerEntry)],
+) -> (balance::Balances, balance::Balances, u64) {
     let now = chrono::Utc::now();
     let policy_for = |account: &str| {
-        snapshot
-            .config
+        config
             .accounts
             .get(account)
             .cloned()
             .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
     };
-    let (mut charges, mut grants) = (0usize, 0usize);
-    for (_, entry) in entries {
-        match entry {
-            ledger::LedgerEntry::Usage(r) => {
-                let policy = policy_for(&r.account);
-                let state = gateway.balances.account(&policy, now);
-                let nanos = |d: Option<rust_decimal::Decimal>| {
-                    d.and_then(|d| pricing::to_nanos(d).ok()).unwrap_or(0)
-                };
-                state.replay_usage(
-                    &policy,
-                    nanos(r.rated_cost),
-                    nanos(r.cost),
-                    r.timestamp,
-                    now,
-                );
-                charges += 1;
+    let (from, accounts) = checkpoint.map_or((0, Vec::new()), |c| (c.seq, c.accounts));
+    let build = || {
+        let balances = balance::Balances::import(&accounts);
+        for (seq, entry) in entries {
+            if *seq > from {
+                balances.apply_entry(entry, &policy_for, now);
             }
-            ledger::LedgerEntry::Grant(g) => {
-                let policy = policy_for(&g.account);
-                let state = gateway.balances.account(&policy, now);
-                let spec = balance::GrantSpec {
-                    id: g.grant_id.clone(),
-                    amount: pricing::to_nanos(g.amount).unwrap_or(0),
-                    kind: g.kind,
-                    priority: g.priority,
-                    expires_at: g.expires_at,
-                    expires_at_period_end: g.expires_at_period_end,
-                };
-                if let Err(e) = state.add_grant(&policy, spec, g.timestamp) {
-                    tracing::warn!(account = %g.account, grant = %g.grant_id, error = %e, "journaled grant not re-applied");
-                }
-                if g.source == ledger::GrantSource::AutoTopUp {
-                    state.note_topup(g.timestamp);
-                }
-                grants += 1;
+        }
+        balances
+    };
+    let live = build();
+    let shadow = build();
+    let last = entries.last().map_or(from, |(seq, _)| (*seq).max(from));
+    let replayed = entries.iter().filter(|(seq, _)| *seq > from).count();
+    if replayed > 0 || from > 0 {
+        tracing::info!(
+            checkpoint_seq = from,
+            replayed,
+            "balances rebuilt from the journal"
+        );
+    }
+    // Grants added to config since the checkpoint reach the restored accounts.
+    for policy in config.accounts.values() {
+        for b in [&live, &shadow] {
+            if let Some(state) = b.get(&policy.id) {
+                state.sync_grants(policy, now);
             }
         }
     }
-    if charges + grants > 0 {
-        tracing::info!(charges, grants, "balances rebuilt from the journal");
-    }
+    (live, shadow, last)
 }
 
 /// A started gateway.
@@ -264,6 +285,7 @@ pub struct RunningGateway {
     _watcher: Option<notify::RecommendedWatcher>,
     flusher: ledger::flusher::Flusher,
     grace: std::time::Duration,
+    checkpointer: JoinHandle<()>,
 }
 
 impl RunningGateway {
@@ -305,6 +327,7 @@ impl RunningGateway {
         self.gateway.ledger.close().await;
         // A last, bounded flush to the sinks; what is left resumes from the cursors.
         self.flusher.shutdown(self.grace).await;
+        let _ = self.checkpointer.await;
         if let Some(alerter) = &self.gateway.alerter
             && !alerter.drain(ALERT_DRAIN_TIMEOUT).await
         {

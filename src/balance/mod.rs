@@ -51,7 +51,7 @@ pub enum GrantKind {
 }
 
 /// A grant as configured or added by an admin or an automatic top-up.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GrantSpec {
     pub id: String,
     pub amount: i64,
@@ -647,6 +647,100 @@ impl AccountState {
     }
 }
 
+/// An account's settled state, as written in a journal checkpoint (no reservations: a
+/// checkpoint is built by replaying the journal, never from live state).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountSnapshot {
+    pub account: String,
+    pub balance: i64,
+    pub overdraft: i64,
+    pub topup_required: bool,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub period_rated: i64,
+    pub period_spend: i64,
+    pub last_topup_ms: i64,
+    pub grants: Vec<GrantSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GrantSnapshot {
+    pub spec: GrantSpec,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub remaining: i64,
+    pub expired: bool,
+}
+
+impl AccountState {
+    /// The settled state, for a checkpoint. Only meaningful with no reservation outstanding.
+    pub fn export(&self) -> AccountSnapshot {
+        AccountSnapshot {
+            account: self.id.to_string(),
+            balance: self.balance.load(Ordering::Acquire),
+            overdraft: self.overdraft.load(Ordering::Acquire),
+            topup_required: self.topup_required.load(Ordering::Acquire),
+            period_start: self.period_start.load(Ordering::Acquire),
+            period_end: self.period_end.load(Ordering::Acquire),
+            period_rated: self.period_rated.load(Ordering::Acquire),
+            period_spend: self.period_spend.load(Ordering::Acquire),
+            last_topup_ms: self.last_topup_ms.load(Ordering::Acquire),
+            grants: self
+                .grants
+                .load()
+                .iter()
+                .map(|g| GrantSnapshot {
+                    spec: g.spec.clone(),
+                    created_at: g.created_at,
+                    expires_at: g.expires_at,
+                    remaining: g.remaining(),
+                    expired: g.is_expired(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds an account from a checkpoint.
+    pub fn import(snapshot: &AccountSnapshot) -> AccountState {
+        let mut grants: Vec<Arc<Grant>> = snapshot
+            .grants
+            .iter()
+            .map(|g| {
+                Arc::new(Grant {
+                    spec: g.spec.clone(),
+                    created_at: g.created_at,
+                    expires_at: g.expires_at,
+                    remaining: AtomicI64::new(g.remaining),
+                    expired: AtomicBool::new(g.expired),
+                })
+            })
+            .collect();
+        grants.sort_by(draw_order);
+        let next_expiry = grants
+            .iter()
+            .filter(|g| !g.is_expired())
+            .filter_map(|g| g.expires_at.map(|e| e.timestamp()))
+            .min()
+            .unwrap_or(i64::MAX);
+        AccountState {
+            id: Arc::from(snapshot.account.as_str()),
+            grants: ArcSwap::from_pointee(grants),
+            available: AtomicI64::new(snapshot.balance),
+            balance: AtomicI64::new(snapshot.balance),
+            overdraft: AtomicI64::new(snapshot.overdraft),
+            topup_required: AtomicBool::new(snapshot.topup_required),
+            period_start: AtomicI64::new(snapshot.period_start),
+            period_end: AtomicI64::new(snapshot.period_end),
+            period_rated: AtomicI64::new(snapshot.period_rated),
+            period_spend: AtomicI64::new(snapshot.period_spend),
+            committed: AtomicI64::new(snapshot.period_spend),
+            next_expiry: AtomicI64::new(next_expiry),
+            last_topup_ms: AtomicI64::new(snapshot.last_topup_ms),
+            admin: std::sync::Mutex::new(()),
+        }
+    }
+}
+
 impl Reservation {
     /// The amount held against the wallet or cap.
     pub fn amount(&self) -> i64 {
@@ -830,6 +924,71 @@ impl Balances {
 
     pub fn get(&self, id: &str) -> Option<Arc<AccountState>> {
         self.accounts.get(id).map(|a| a.clone())
+    }
+
+    /// Every account's settled state (checkpoints).
+    pub fn export(&self) -> Vec<AccountSnapshot> {
+        let mut out: Vec<AccountSnapshot> = self.accounts.iter().map(|a| a.export()).collect();
+        out.sort_by(|a, b| a.account.cmp(&b.account));
+        out
+    }
+
+    /// Balances restored from a checkpoint.
+    pub fn import(snapshots: &[AccountSnapshot]) -> Balances {
+        let accounts = DashMap::new();
+        for s in snapshots {
+            accounts.insert(
+                Arc::from(s.account.as_str()),
+                Arc::new(AccountState::import(s)),
+            );
+        }
+        Balances { accounts }
+    }
+
+    /// Applies one journal entry (start-up replay and checkpoints): a charge, or a grant
+    /// added at run time. `policy_for` gives the account's current policy.
+    pub fn apply_entry(
+        &self,
+        entry: &crate::ledger::LedgerEntry,
+        policy_for: &dyn Fn(&str) -> Arc<AccountPolicy>,
+        now: DateTime<Utc>,
+    ) {
+        use crate::ledger::{GrantSource, LedgerEntry};
+        match entry {
+            LedgerEntry::Usage(r) => {
+                let policy = policy_for(&r.account);
+                let state = self.account(&policy, now);
+                let nanos = |d: Option<Decimal>| {
+                    d.and_then(|d| crate::pricing::to_nanos(d).ok())
+                        .unwrap_or(0)
+                };
+                state.replay_usage(
+                    &policy,
+                    nanos(r.rated_cost),
+                    nanos(r.cost),
+                    r.timestamp,
+                    now,
+                );
+            }
+            LedgerEntry::Grant(g) => {
+                let policy = policy_for(&g.account);
+                let state = self.account(&policy, now);
+                let spec = GrantSpec {
+                    id: g.grant_id.clone(),
+                    amount: crate::pricing::to_nanos(g.amount).unwrap_or(0),
+                    kind: g.kind,
+                    priority: g.priority,
+                    expires_at: g.expires_at,
+                    expires_at_period_end: g.expires_at_period_end,
+                };
+                if let Err(e) = state.add_grant(&policy, spec, g.timestamp) {
+                    tracing::warn!(account = %g.account, grant = %g.grant_id, error = %e, "journaled grant not re-applied");
+                }
+                if g.source == GrantSource::AutoTopUp {
+                    state.note_topup(g.timestamp);
+                }
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! The journal ([`journal::SegmentJournal`]) is append-only, checksummed and recovered at
 //! start; the flusher ships it to the configured sinks (PostgreSQL, CloudEvents, files).
 
+pub mod checkpoint;
 pub mod cloudevents;
 pub mod file_sink;
 pub mod flusher;
@@ -251,6 +252,20 @@ pub struct WriterShared {
     size_bytes: AtomicU64,
     /// Wakes the flusher when entries are written.
     pub appended: tokio::sync::Notify,
+    /// Bytes of segments deleted after a checkpoint.
+    freed_bytes: AtomicU64,
+}
+
+impl WriterShared {
+    /// Sequence number of the last entry written.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Records segments deleted after a checkpoint.
+    pub fn note_freed(&self, bytes: u64) {
+        self.freed_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
 }
 
 impl Ledger {
@@ -297,7 +312,10 @@ impl Ledger {
 
     /// Journal size on disk, bytes.
     pub fn journal_bytes(&self) -> u64 {
-        self.shared.size_bytes.load(Ordering::Acquire)
+        self.shared
+            .size_bytes
+            .load(Ordering::Acquire)
+            .saturating_sub(self.shared.freed_bytes.load(Ordering::Acquire))
     }
 
     /// Sequence number of the last entry written.
