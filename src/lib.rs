@@ -117,6 +117,10 @@ impl GatewayBuilder {
         let grace = self.config.server.shutdown_grace;
         let admin_config = self.config.admin.clone();
         let snapshot = Snapshot::build(self.config)?;
+        // Build the tokenizer before serving, so no request waits for it (~150 ms, once).
+        if let Err(e) = tokio::task::spawn_blocking(meter::tokenizer::warm_up).await {
+            tracing::warn!(error = %e, "tokenizer warm-up failed");
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -208,8 +212,6 @@ impl GatewayBuilder {
             }
             None => (None, None),
         };
-        // Build the tokenizer ahead of the first fallback.
-        tokio::task::spawn_blocking(meter::tokenizer::warm_up);
         Ok(RunningGateway {
             addr,
             admin_addr,

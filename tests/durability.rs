@@ -556,7 +556,8 @@ struct Received {
     refused_posts: u64,
 }
 
-/// A CloudEvents batch receiver that answers 503 until `fail_until`, then 200.
+/// A CloudEvents batch receiver that answers 503 for `outage` from the first post it gets
+/// (so the outage always meets deliveries, however slowly the gateway starts), then 200.
 struct Receiver {
     addr: SocketAddr,
     received: Arc<Mutex<Received>>,
@@ -564,7 +565,8 @@ struct Receiver {
 }
 
 impl Receiver {
-    async fn start(fail_until: Option<Instant>) -> Receiver {
+    async fn start(outage: Option<Duration>) -> Receiver {
+        let first_post: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Received::default()));
@@ -575,16 +577,22 @@ impl Receiver {
                     return;
                 };
                 let r = r.clone();
+                let first_post = first_post.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let r = r.clone();
+                        let first_post = first_post.clone();
                         async move {
                             let ok_type = req
                                 .headers()
                                 .get(http::header::CONTENT_TYPE)
                                 .is_some_and(|v| v == "application/cloudevents-batch+json");
                             let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let failing = fail_until.is_some_and(|t| Instant::now() < t);
+                            let failing = outage.is_some_and(|d| {
+                                let now = Instant::now();
+                                let first = *first_post.lock().unwrap().get_or_insert(now);
+                                now < first + d
+                            });
                             let status = if !ok_type {
                                 400
                             } else if failing {
@@ -1174,7 +1182,7 @@ async fn sink_outage_then_recovery_delivers_everything_once() {
         let mock = start_mock().await;
         let db = TestDb::create().await;
         let outage = Duration::from_millis(1500);
-        let receiver = Receiver::start(Some(Instant::now() + outage)).await;
+        let receiver = Receiver::start(Some(outage)).await;
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("journal");
         let text = config_text(

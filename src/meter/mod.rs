@@ -424,7 +424,7 @@ impl Meter {
                 // Streams on a budget count the delivered text's tokens as they pass (only
                 // accounts with limits pay for this); others only count events.
                 let budgeted = start.billing.reserved_output_tokens.is_some();
-                let model = start.model.as_deref().unwrap_or("");
+
                 let count = |block: &SseBlock<'_>| {
                     let Some(data) = block.data else { return 0 };
                     if !budgeted {
@@ -439,7 +439,7 @@ impl Meter {
                             anthropic::delivered_text(block.event, data, &mut text)
                         }
                     }
-                    tokenizer::count(model, &text)
+                    tokenizer::count_on_request_path(&text)
                 };
                 let out = if *hide_usage_chunk {
                     let mut kept = BytesMut::with_capacity(data.len());

@@ -27,9 +27,26 @@ pub fn count(model: &str, text: &str) -> u64 {
     encoder_for(model).count_ordinary(text) as u64
 }
 
+/// Set once the default encoder is built: the request path never waits for that.
+static DEFAULT_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Builds the default encoder ahead of the first fallback (about 150 ms, once).
 pub fn warm_up() {
     let _ = tiktoken_rs::o200k_base_singleton();
+    DEFAULT_READY.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// A count for the request path (streams on a budget): o200k_base when it is built, else a
+/// conservative three bytes a token — never blocks on building an encoder.
+pub fn count_on_request_path(text: &str) -> u64 {
+    if text.is_empty() {
+        return 0;
+    }
+    if DEFAULT_READY.load(std::sync::atomic::Ordering::Acquire) {
+        tiktoken_rs::o200k_base_singleton().count_ordinary(text) as u64
+    } else {
+        (text.len() as u64).div_ceil(3)
+    }
 }
 
 #[cfg(test)]
