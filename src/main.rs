@@ -48,6 +48,12 @@ enum Command {
     /// Print the SHA-256 of a client key, as `keys[].sha256` stores it. Reads the key from
     /// standard input when not given (keeps it out of shell history).
     HashKey { key: Option<String> },
+    /// Print the journal's entries (usage records, grants) as JSON lines, oldest first.
+    Journal {
+        /// Journal directory (`journal.dir`).
+        #[arg(default_value = tollgate::config::DEFAULT_JOURNAL_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,6 +73,7 @@ fn main() -> std::process::ExitCode {
         } => serve(config, listen, log_format, worker_threads),
         Command::CheckConfig { file, against } => return check_config(&file, against.as_deref()),
         Command::HashKey { key } => hash_key(key),
+        Command::Journal { dir } => print_journal(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -114,6 +121,18 @@ fn check_config(
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn print_journal(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let entries = tollgate::ledger::journal::read_entries(dir)
+        .with_context(|| format!("reading the journal in {}", dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    for entry in entries {
+        serde_json::to_writer(&mut out, &entry)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 fn hash_key(key: Option<String>) -> anyhow::Result<()> {

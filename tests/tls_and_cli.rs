@@ -172,3 +172,30 @@ fn hash_key_matches_config_hashing_and_reads_stdin() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("serve") && help.contains("check-config") && help.contains("hash-key"));
 }
+
+#[tokio::test]
+async fn journal_command_prints_the_entries() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai(
+            "/v1/chat/completions",
+            ALICE,
+            json!({"model": "gpt-4o", "max_tokens": 2, "messages": [{"role": "user", "content": "a b"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = record_id(&resp);
+    resp.bytes().await.unwrap();
+    h.records(1).await;
+    let out = tollgate().arg("journal").arg(&h.journal).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["type"], "usage");
+    assert_eq!(line["id"], id);
+}
