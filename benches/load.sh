@@ -83,6 +83,15 @@ secs() {
   esac
 }
 
+# One benchmark at a time on this machine: a second one would be the first one's noise.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"${TMPDIR:-/tmp}/tollgate-load-bench.lock"
+  if ! flock -n 9; then
+    log "another benches/load.sh is running: waiting for it (30 min at most)"
+    flock -w 1800 9 || die "still locked: ${TMPDIR:-/tmp}/tollgate-load-bench.lock"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 1. Tools.
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +341,7 @@ run_wrk() {
   p0="$(cpu_ticks $pids)"
   m0="$(cpu_ticks "$MOCK_PID")"
   local b0; b0="$(machine_busy_ticks)"
+  python3 "$LOAD_DIR/procs.py" snap "$WORK/procs.json"
   # sh reaps wrk, then prints its own stat line, whose cutime + cstime are wrk's CPU use.
   BENCH_NKEYS="$NKEYS" BENCH_STREAM="$stream" BENCH_MAX_TOKENS="$max_tokens" \
   BENCH_RATE="$rate" BENCH_THREADS="$THREADS" \
@@ -348,6 +358,10 @@ run_wrk() {
   p1="$(cpu_ticks $pids)"
   m1="$(cpu_ticks "$MOCK_PID")"
   local b1; b1="$(machine_busy_ticks)"
+  # Excluded: the proxies, the mock, this script and its children (wrk is reaped by then).
+  local others
+  others="$(python3 "$LOAD_DIR/procs.py" diff "$WORK/procs.json" \
+    "$pids $MOCK_PID ${TG_PID:-} ${NGX_PID:-} ${NGX_WORKERS:-} $$ $BASHPID")"
   for pid in $pids; do kill -0 "$pid" 2>/dev/null || alive=false; done
   local wrkjson
   wrkjson="$(sed -n 's/^LOADJSON //p' "$out")"
@@ -369,13 +383,13 @@ run_wrk() {
     rss="$(hwm_kb "${NGX_WORKERS%% *}")"
   fi
   [ "$kind" = warmup ] && return 0
-  printf '{"kind":"%s","scenario":"%s","target":"%s","round":%s,"rate":%s,"proxy_cpu_s":%s,"mock_cpu_s":%s,"load_cpu_s":%s,"machine_busy_s":%s,"proxy_rss_kb":%s,"journal_delta":%s,"journal":%s,"alive":%s,"wrk":%s}\n' \
+  printf '{"kind":"%s","scenario":"%s","target":"%s","round":%s,"rate":%s,"proxy_cpu_s":%s,"mock_cpu_s":%s,"load_cpu_s":%s,"machine_busy_s":%s,"proxy_rss_kb":%s,"journal_delta":%s,"journal":%s,"alive":%s,"others_top":%s,"wrk":%s}\n' \
     "$kind" "$sc" "$target" "$round" "$rate" \
     "$(awk -v a="$p0" -v b="$p1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
     "$(awk -v a="$m0" -v b="$m1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
     "$(awk -v a="${load_ticks:-0}" -v t="$CLK_TCK" 'BEGIN{print a/t}')" \
     "$(awk -v a="$b0" -v b="$b1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
-    "${rss:-0}" "$jd" "$jstats" "$alive" "$wrkjson" >>"$RUNS"
+    "${rss:-0}" "$jd" "$jstats" "$alive" "$others" "$wrkjson" >>"$RUNS"
   python3 - "$RUNS" <<'EOF' >&2
 import json, sys
 r = [json.loads(l) for l in open(sys.argv[1])][-1]
@@ -404,7 +418,10 @@ for r in runs[-n:]:
     r["noisy"] = True
 with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in runs)
-print(f"    (other processes used {worst:.2f} cores: round discarded, repeating)", file=sys.stderr)
+top = sorted((o for r in runs[-n:] for o in r.get("others_top", [])), key=lambda o: -o["cpu_s"])[:3]
+who = ", ".join(f"{o['process']} {o['cpu_s']}s" for o in top)
+print(f"    (other processes used {worst:.2f} cores: round discarded, repeating; top: {who})",
+      file=sys.stderr)
 sys.exit(1)
 EOF
 }

@@ -275,6 +275,9 @@ struct RawJournal {
     on_full: Option<String>,
     /// How often delivered segments are checkpointed and deleted, milliseconds. Default 10 000.
     checkpoint_interval_ms: Option<u64>,
+    /// Hold the end of each response until its record is written to the journal (default
+    /// true: a response a client received survives a crash of the process).
+    wait_for_write: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,6 +434,7 @@ pub struct JournalConfig {
     /// Refuse new metered requests when the journal is over budget (else serve and alarm).
     pub refuse_when_full: bool,
     pub checkpoint_interval: Duration,
+    pub wait_for_write: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -631,6 +635,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS)
                 .max(10),
         ),
+        wait_for_write: raw.journal.wait_for_write.unwrap_or(true),
     };
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());

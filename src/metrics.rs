@@ -60,7 +60,7 @@ impl RefusalReason {
     }
 }
 
-type RequestLabels = (Arc<str>, &'static str, u16);
+type RequestLabels = (Arc<str>, Arc<str>, &'static str, u16);
 type TokenLabels = (Arc<str>, &'static str);
 
 /// The gateway's counters.
@@ -96,6 +96,7 @@ impl Metrics {
             &self.requests,
             &(
                 record.upstream.clone(),
+                price_label.clone(),
                 record.endpoint.as_str(),
                 record.status,
             ),
@@ -157,13 +158,14 @@ impl Metrics {
     /// The text exposition format. `extra` appends lines rendered elsewhere (alerts, ledger).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP tollgate_requests_total Metered requests by upstream, endpoint and status.\n# TYPE tollgate_requests_total counter\n");
+        out.push_str("# HELP tollgate_requests_total Metered requests by upstream, price-book model entry, endpoint and status.\n# TYPE tollgate_requests_total counter\n");
         for e in self.requests.iter() {
-            let (upstream, endpoint, status) = e.key();
+            let (upstream, model, endpoint, status) = e.key();
             let _ = writeln!(
                 out,
-                "tollgate_requests_total{{upstream=\"{}\",endpoint=\"{endpoint}\",status=\"{status}\"}} {}",
+                "tollgate_requests_total{{upstream=\"{}\",model=\"{}\",endpoint=\"{endpoint}\",status=\"{status}\"}} {}",
                 escape(upstream),
+                escape(model),
                 e.value().load(Ordering::Relaxed)
             );
         }

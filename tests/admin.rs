@@ -317,7 +317,7 @@ async fn metrics_count_requests_tokens_spend_and_refusals() {
         .await
         .unwrap();
     for line in [
-        "tollgate_requests_total{upstream=\"mock-openai\",endpoint=\"chat_completions\",status=\"200\"} 2",
+        "tollgate_requests_total{upstream=\"mock-openai\",model=\"gpt-4o*\",endpoint=\"chat_completions\",status=\"200\"} 2",
         "tollgate_tokens_total{model=\"gpt-4o*\",kind=\"input\"} 4",
         "tollgate_tokens_total{model=\"gpt-4o*\",kind=\"output\"} 8",
         "tollgate_spend_total{model=\"gpt-4o*\",unit=\"USD\"} 0.012",

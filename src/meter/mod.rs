@@ -56,6 +56,8 @@ pub struct MeterStart {
     pub max_metered_response_bytes: usize,
     /// tollgate asked the stream for usage the client did not ask for: hide that chunk.
     pub hide_usage_chunk: bool,
+    /// Hold the end of the response until the record is journaled (`journal.wait_for_write`).
+    pub wait_for_journal: bool,
     /// Pricing and the account to charge.
     pub billing: Billing,
 }
@@ -600,7 +602,9 @@ impl Meter {
             }
         };
         let (ack, journaled) = tokio::sync::oneshot::channel();
-        self.journaled = Some(journaled);
+        if start.wait_for_journal {
+            self.journaled = Some(journaled);
+        }
         match fallback {
             None => {
                 let topup = billing.settle(&mut record, chrono::Utc::now());

@@ -229,6 +229,7 @@ impl Gateway {
             request_body: body,
             max_metered_response_bytes: snapshot.config.server.max_metered_response_bytes,
             hide_usage_chunk,
+            wait_for_journal: snapshot.config.journal.wait_for_write,
             billing,
         });
         drop(snapshot);
