@@ -32,10 +32,6 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
@@ -67,8 +63,6 @@ pub const SIGNATURE_TOLERANCE_SECS: i64 = 300;
 const SIGNATURE_PREFIX: &str = "sha256=";
 /// HMAC-SHA256 block size, bytes (RFC 2104 `B`).
 const HMAC_SHA256_BLOCK_BYTES: usize = 64;
-/// How long an idle connection to a webhook receiver is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle pooled connections kept per receiver host.
 const POOL_MAX_IDLE_PER_HOST: usize = 8;
 
@@ -281,7 +275,16 @@ impl AlerterConfig {
     }
 }
 
-type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type WebhookClient = crate::http_client::HttpsClient;
+
+/// The HTTP(S) client for webhook receivers.
+fn build_client(request_timeout: Duration) -> Result<WebhookClient, String> {
+    crate::http_client::build(&crate::http_client::ClientOptions {
+        ca_file: None,
+        connect_timeout: request_timeout,
+        pool_max_idle_per_host: POOL_MAX_IDLE_PER_HOST,
+    })
+}
 
 /// One [`Alerter::send`] call on its way to the delivery task.
 struct Job {
@@ -425,38 +428,6 @@ impl std::fmt::Debug for Alerter {
             .field("dropped", &self.dropped())
             .finish_non_exhaustive()
     }
-}
-
-/// The HTTP(S) client for webhook receivers: system trust roots, ring, HTTP/1.1 and HTTP/2.
-fn build_client(request_timeout: Duration) -> Result<WebhookClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let loaded = rustls_native_certs::load_native_certs();
-    for e in &loaded.errors {
-        tracing::warn!(error = %e, "could not load some system CA certificates");
-    }
-    let (_added, _ignored) = roots.add_parsable_certificates(loaded.certs);
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(request_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .build(https))
 }
 
 /// Takes jobs off the channel and starts one delivery per (event, target), holding a

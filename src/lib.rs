@@ -17,6 +17,7 @@ pub mod alert;
 pub mod balance;
 pub mod config;
 pub mod error;
+pub mod http_client;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;

@@ -21,16 +21,11 @@
 //! The optional `authorization` header value comes from an environment variable and is
 //! never logged.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -53,8 +48,6 @@ pub const GRANT_EVENT_TYPE: &str = "tollgate.grant";
 const ERROR_BODY_QUOTE_BYTES: usize = 512;
 /// How much of a response body is read at most, bytes.
 const MAX_RESPONSE_BODY_BYTES: usize = 64 * 1024;
-/// How long an idle connection to the receiver is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle pooled connections kept per receiver host.
 const POOL_MAX_IDLE_PER_HOST: usize = 4;
 
@@ -144,7 +137,16 @@ pub fn encode_batch(source: &str, batch: &[LedgerEntry]) -> Result<Vec<u8>, serd
     serde_json::to_vec(&values)
 }
 
-type EventsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type EventsClient = crate::http_client::HttpsClient;
+
+/// An HTTP(S) client trusting the system roots.
+fn build_client(timeout: Duration) -> Result<EventsClient, String> {
+    crate::http_client::build(&crate::http_client::ClientOptions {
+        ca_file: None,
+        connect_timeout: timeout,
+        pool_max_idle_per_host: POOL_MAX_IDLE_PER_HOST,
+    })
+}
 
 /// Delivers ledger entries as CloudEvents over HTTP. See the module docs.
 pub struct CloudEventsSink {
@@ -274,38 +276,6 @@ impl Sink for CloudEventsSink {
             }
         })
     }
-}
-
-/// An HTTPS-capable client trusting the system roots, as the alert webhooks use.
-fn build_client(timeout: Duration) -> Result<EventsClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let loaded = rustls_native_certs::load_native_certs();
-    for e in &loaded.errors {
-        tracing::warn!(error = %e, "could not load some system CA certificates");
-    }
-    let (_added, _ignored) = roots.add_parsable_certificates(loaded.certs);
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .build(https))
 }
 
 /// An error and its sources, `: `-joined (hyper's top-level message alone is vague).

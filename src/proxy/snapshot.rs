@@ -4,25 +4,14 @@
 //! counters, the ledger) lives outside it.
 
 use std::collections::HashMap;
-use std::io::BufReader;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use http::HeaderValue;
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::balance::AccountPolicy;
 use crate::config::{Config, Dialect, ModelMatch, UpstreamConfig};
 
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamClient = crate::http_client::HttpsClient;
 
 /// A client key as the request path sees it.
 #[derive(Debug)]
@@ -123,7 +112,12 @@ impl Snapshot {
             });
             let client = match reusable {
                 Some(old) => old.client.clone(),
-                None => build_client(u).map_err(fail)?,
+                None => crate::http_client::build(&crate::http_client::ClientOptions {
+                    ca_file: u.ca_file.as_deref(),
+                    connect_timeout: u.connect_timeout,
+                    pool_max_idle_per_host: u.pool_max_idle_per_host,
+                })
+                .map_err(fail)?,
             };
             let credential = match &u.credential {
                 None => None,
@@ -205,63 +199,4 @@ impl UpstreamConfig {
     fn config_origin(&self) -> String {
         self.origin.to_string().trim_end_matches('/').to_string()
     }
-}
-
-/// System trust roots, loaded once per process.
-fn system_roots() -> &'static [rustls::pki_types::CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let loaded = rustls_native_certs::load_native_certs();
-        for e in &loaded.errors {
-            tracing::warn!(error = %e, "could not load some system CA certificates");
-        }
-        loaded.certs
-    })
-}
-
-fn build_client(u: &UpstreamConfig) -> Result<UpstreamClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
-    if let Some(path) = &u.ca_file {
-        let file =
-            std::fs::File::open(path).map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
-        let mut count = 0;
-        for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-            let cert = cert.map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("ca_file `{}`: {e}", path.display()))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(format!(
-                "ca_file `{}` holds no PEM certificate",
-                path.display()
-            ));
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(u.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(u.pool_max_idle_per_host)
-        .build(https))
 }
