@@ -132,8 +132,7 @@ impl GatewayBuilder {
                 journal_config.dir.display()
             )
         })?;
-        let (balances, shadow, shadow_seq) =
-            recover_balances(&snapshot.config, checkpoint, &recovery.entries);
+        let (balances, shadow) = recover_balances(&snapshot.config, checkpoint, &recovery.entries);
         drop(recovery);
         let alerter = snapshot.config.alerts.signing_secret.clone().map(|secret| {
             let mut config = alert::AlerterConfig::new(secret);
@@ -170,13 +169,16 @@ impl GatewayBuilder {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
         });
+        ledger
+            .install_shadow(ledger::Shadow {
+                balances: shadow,
+                policies,
+            })
+            .await;
         let checkpointer = ledger::checkpoint::spawn(
             &journal_config.dir,
-            shadow,
-            shadow_seq,
-            policies,
+            ledger.clone(),
             flusher.progress.clone(),
-            ledger.shared().clone(),
             journal_config.checkpoint_interval,
             stop_rx.clone(),
         );
@@ -230,12 +232,12 @@ impl GatewayBuilder {
 }
 
 /// Rebuilds balances from the last checkpoint and the journal entries after it, and returns
-/// the checkpointer's shadow copy (the same state, kept apart from the live one).
+/// the journal writer's shadow copy (the same state, kept apart from the live one).
 fn recover_balances(
     config: &Config,
     checkpoint: Option<ledger::checkpoint::Checkpoint>,
     entries: &[(u64, ledger::LedgerEntry)],
-) -> (balance::Balances, balance::Balances, u64) {
+) -> (balance::Balances, balance::Balances) {
     let now = chrono::Utc::now();
     let policy_for = |account: &str| {
         config
@@ -256,7 +258,6 @@ fn recover_balances(
     };
     let live = build();
     let shadow = build();
-    let last = entries.last().map_or(from, |(seq, _)| (*seq).max(from));
     let replayed = entries.iter().filter(|(seq, _)| *seq > from).count();
     if replayed > 0 || from > 0 {
         tracing::info!(
@@ -273,7 +274,7 @@ fn recover_balances(
             }
         }
     }
-    (live, shadow, last)
+    (live, shadow)
 }
 
 /// A started gateway.

@@ -1,13 +1,13 @@
 //! Checkpoints: what lets old journal segments go.
 //!
 //! Balances are rebuilt at start by replaying the journal, so a segment can only be deleted
-//! once its effect on balances is saved elsewhere. The checkpointer keeps a shadow copy of
-//! the balances built purely from the journal (the same replay as at start, never the live
-//! atomics, which include reservations and charges not yet journaled), and periodically:
-//! applies the entries written since, and — when whole segments lie behind both the shadow
-//! and every sink's cursor — writes `checkpoint.json` (the shadow state and the sequence
-//! number it covers; temporary file, fsync, rename) and then deletes those segments. Start-up
-//! loads the checkpoint and replays only the entries after it.
+//! once its effect on balances is saved elsewhere. The journal writer keeps a shadow copy of
+//! the balances built purely from the entries it writes (the same replay as at start, never
+//! the live atomics, which include reservations and charges not yet journaled). Periodically,
+//! when whole segments lie behind every sink's cursor, the checkpointer asks the writer for
+//! the shadow and the sequence number it covers, writes `checkpoint.json` (temporary file,
+//! fsync, rename) and then deletes those segments. Start-up loads the checkpoint and replays
+//! only the entries after it.
 //!
 //! A sink added later starts from the oldest segment still on disk.
 
@@ -21,15 +21,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::WriterShared;
+use super::Ledger;
 use super::flusher::SinkProgress;
-use super::journal::{JournalReader, segments};
-use crate::balance::{AccountPolicy, AccountSnapshot, Balances};
+use super::journal::segments;
+use crate::balance::{AccountPolicy, AccountSnapshot};
 
 const CHECKPOINT_FILE: &str = "checkpoint.json";
-
-/// Entries applied per step when catching up.
-const CATCH_UP_BATCH: usize = 4096;
 
 /// The balances as of a journal sequence number.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,116 +64,90 @@ fn store(dir: &Path, checkpoint: &Checkpoint) -> std::io::Result<()> {
 /// The account policies the replay uses (the current config's).
 pub type PolicySource = Arc<dyn Fn(&str) -> Arc<AccountPolicy> + Send + Sync>;
 
-/// Starts the checkpointer. `shadow` must hold exactly the state of entries `..=seq`.
-#[allow(clippy::too_many_arguments)]
+/// Starts the checkpointer: every `every`, when whole segments lie behind every sink's
+/// cursor, it asks the writer for its shadow balances, writes the checkpoint, and deletes
+/// those segments.
 pub fn spawn(
     dir: &Path,
-    shadow: Balances,
-    seq: u64,
-    policies: PolicySource,
+    ledger: Arc<Ledger>,
     sinks: Vec<Arc<SinkProgress>>,
-    writer: Arc<WriterShared>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let dir = dir.to_path_buf();
     tokio::spawn(async move {
-        let mut state = Some((shadow, JournalReader::new(&dir, seq), seq));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => return,
             }
-            let Some(current) = state.take() else { return };
+            if deletable(&dir, &sinks, ledger.last_seq()).is_empty() {
+                continue;
+            }
+            let Some((seq, accounts)) = ledger.checkpoint_state().await else {
+                continue;
+            };
             let dir2 = dir.clone();
-            let policies = policies.clone();
-            let sinks = sinks.clone();
-            let writer = writer.clone();
-            match tokio::task::spawn_blocking(move || {
-                step(&dir2, current, &*policies, &sinks, &writer)
+            let sinks2 = sinks.clone();
+            let shared = ledger.shared().clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let doomed = deletable(&dir2, &sinks2, seq);
+                if doomed.is_empty() {
+                    return;
+                }
+                let checkpoint = Checkpoint {
+                    seq,
+                    taken_at: Utc::now(),
+                    accounts,
+                };
+                if let Err(e) = store(&dir2, &checkpoint) {
+                    tracing::error!(error = %e, "cannot write the journal checkpoint; segments kept");
+                    return;
+                }
+                let mut freed = 0u64;
+                for path in &doomed {
+                    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                    match std::fs::remove_file(path) {
+                        Ok(()) => freed += size,
+                        Err(e) => tracing::error!(segment = %path.display(), error = %e, "cannot delete a journal segment"),
+                    }
+                }
+                shared.note_freed(freed);
+                tracing::info!(
+                    checkpoint_seq = seq,
+                    segments = doomed.len(),
+                    bytes = freed,
+                    "journal checkpointed; delivered segments deleted"
+                );
             })
-            .await
+            .await;
+            if let Err(e) = done
+                && e.is_panic()
             {
-                Ok(next) => state = Some(next),
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => return,
+                std::panic::resume_unwind(e.into_panic());
             }
         }
     })
 }
 
-/// Catches the shadow up, then checkpoints and deletes what it can.
-fn step(
-    dir: &Path,
-    (shadow, mut reader, mut seq): (Balances, JournalReader, u64),
-    policies: &(dyn Fn(&str) -> Arc<AccountPolicy> + Send + Sync),
-    sinks: &[Arc<SinkProgress>],
-    writer: &WriterShared,
-) -> (Balances, JournalReader, u64) {
-    let now = Utc::now();
-    let written = writer.last_seq();
-    while seq < written {
-        match reader.read(CATCH_UP_BATCH) {
-            Ok(batch) if batch.is_empty() => break,
-            Ok(batch) => {
-                for (s, entry) in &batch {
-                    shadow.apply_entry(entry, policies, now);
-                    seq = *s;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "checkpointer cannot read the journal");
-                return (shadow, reader, seq);
-            }
-        }
-    }
+/// Segments whose every entry is at or below `upto` and accepted by every sink; the newest
+/// segment is never deleted (a segment ends just before the next one starts).
+fn deletable(dir: &Path, sinks: &[Arc<SinkProgress>], upto: u64) -> Vec<std::path::PathBuf> {
     let safe = sinks
         .iter()
         .map(|p| p.cursor.load(Ordering::Acquire))
         .min()
-        .unwrap_or(seq)
-        .min(seq);
-    let segs = match segments(dir) {
-        Ok(s) => s,
+        .unwrap_or(upto)
+        .min(upto);
+    match segments(dir) {
+        Ok(segs) => segs
+            .windows(2)
+            .filter(|w| w[1].0.saturating_sub(1) <= safe)
+            .map(|w| w[0].1.clone())
+            .collect(),
         Err(e) => {
             tracing::error!(error = %e, "checkpointer cannot list the journal");
-            return (shadow, reader, seq);
-        }
-    };
-    // A segment ends just before the next one starts; the newest is never deleted.
-    let deletable: Vec<&Path> = segs
-        .windows(2)
-        .filter(|w| w[1].0.saturating_sub(1) <= safe)
-        .map(|w| w[0].1.as_path())
-        .collect();
-    if deletable.is_empty() {
-        return (shadow, reader, seq);
-    }
-    let checkpoint = Checkpoint {
-        seq,
-        taken_at: now,
-        accounts: shadow.export(),
-    };
-    if let Err(e) = store(dir, &checkpoint) {
-        tracing::error!(error = %e, "cannot write the journal checkpoint; segments kept");
-        return (shadow, reader, seq);
-    }
-    let mut freed = 0u64;
-    for path in &deletable {
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        match std::fs::remove_file(path) {
-            Ok(()) => freed += size,
-            Err(e) => {
-                tracing::error!(segment = %path.display(), error = %e, "cannot delete a journal segment")
-            }
+            Vec::new()
         }
     }
-    writer.note_freed(freed);
-    tracing::info!(
-        checkpoint_seq = seq,
-        segments = deletable.len(),
-        bytes = freed,
-        "journal checkpointed; delivered segments deleted"
-    );
-    (shadow, reader, seq)
 }

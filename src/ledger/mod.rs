@@ -233,6 +233,17 @@ enum Message {
     Sync(oneshot::Sender<()>),
     /// Group-commit timer: fsync if anything is unsynced.
     Tick,
+    /// Installs the checkpoint shadow: balances as of the last entry written, kept up to date
+    /// by the writer as it appends (no re-reading, no re-parsing).
+    Shadow(Box<Shadow>),
+    /// Asks for the shadow's state and the sequence number it covers.
+    Checkpoint(oneshot::Sender<Option<(u64, Vec<crate::balance::AccountSnapshot>)>>),
+}
+
+/// Balances built only from journaled entries, for checkpoints.
+pub struct Shadow {
+    pub balances: crate::balance::Balances,
+    pub policies: checkpoint::PolicySource,
 }
 
 /// The request path's handle on the journal writer.
@@ -371,6 +382,26 @@ impl Ledger {
         }
     }
 
+    /// Hands the writer the checkpoint shadow (balances as of the last entry written). Call
+    /// before any entry is submitted.
+    pub async fn install_shadow(&self, shadow: Shadow) {
+        if self
+            .tx
+            .send(Message::Shadow(Box::new(shadow)))
+            .await
+            .is_err()
+        {
+            tracing::error!("journal writer is gone; checkpoints disabled");
+        }
+    }
+
+    /// The shadow's state and the sequence number it covers (None without a shadow).
+    pub async fn checkpoint_state(&self) -> Option<(u64, Vec<crate::balance::AccountSnapshot>)> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Message::Checkpoint(tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
     /// Records handed to the writer so far.
     pub fn submitted(&self) -> u64 {
         self.submitted.load(Ordering::Relaxed)
@@ -424,6 +455,8 @@ fn write_loop(
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut unsynced = false;
     let mut last_sync = std::time::Instant::now();
+    let mut shadow: Option<Box<Shadow>> = None;
+    let mut checkpoint_requests = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut tick = false;
         let mut next = Some(first);
@@ -435,6 +468,8 @@ fn write_loop(
                 }
                 Message::Sync(w) => waiters.push(w),
                 Message::Tick => tick = true,
+                Message::Shadow(s) => shadow = Some(s),
+                Message::Checkpoint(reply) => checkpoint_requests.push(reply),
             }
             if batch.len() >= MAX_BATCH {
                 break;
@@ -452,6 +487,12 @@ fn write_loop(
                 }
             }
             unsynced = true;
+            if let Some(sh) = &shadow {
+                let now = chrono::Utc::now();
+                for entry in &batch {
+                    sh.balances.apply_entry(entry, &*sh.policies, now);
+                }
+            }
         }
         let due = match fsync {
             FsyncPolicy::Always => unsynced,
@@ -484,6 +525,12 @@ fn write_loop(
         }
         for w in waiters.drain(..).chain(acks.drain(..)) {
             let _ = w.send(());
+        }
+        for reply in checkpoint_requests.drain(..) {
+            let state = shadow
+                .as_ref()
+                .map(|sh| (journal.last_seq(), sh.balances.export()));
+            let _ = reply.send(state);
         }
     }
     if let Err(e) = journal.sync() {
