@@ -7,7 +7,9 @@ JOURNAL is either a JSON-lines file (`[journal] path`) or a segment directory
 (`[journal] dir`: `*.seg` files, 8-byte magic `TGJRNL01`, then frames of u32 LE payload
 length, u32 LE CRC32C, u64 LE sequence number, JSON payload). CURSOR is "" (the start) or
 what a previous call printed. Prints one JSON object: the new cursor (after the last complete
-entry), the number of usage entries read, their outcomes, how many completed ones have a
+entry), the number of entries written since CURSOR ("entries"; for a segment directory from
+the sequence numbers, since tollgate deletes checkpointed segments), how many of them were
+still there to read ("read"), their outcomes, how many completed ones have a
 status other than 200 or an output token count other than MAX_TOKENS, and distinct key ids.
 """
 import collections
@@ -32,26 +34,31 @@ def entries_jsonl(path, cursor):
 
 
 def entries_segments(path, cursor):
+    """Frames after CURSOR ("<segment>:<offset>:<seq>"). tollgate deletes segments once a
+    checkpoint covers them, so the count comes from sequence numbers (strictly increasing),
+    and only the entries still on disk are read for their outcomes."""
     segs = sorted(n for n in os.listdir(path) if n.endswith(".seg"))
-    start_seg, start_off = (cursor.split(":") if cursor else ("", "0"))
-    last = (start_seg, int(start_off))
+    seg0, off0, seq0 = cursor.split(":") if cursor else ("", "0", "0")
+    off0, seq0 = int(off0), int(seq0)
+    last = (seg0, off0, seq0)
     for name in segs:
-        if name < start_seg:
+        if name < seg0:
             continue
         with open(os.path.join(path, name), "rb") as f:
             data = f.read()
         if data[: len(MAGIC)] != MAGIC:
             continue
-        pos = int(start_off) if name == start_seg else len(MAGIC)
-        pos = max(pos, len(MAGIC))
+        pos = max(off0 if name == seg0 else 0, len(MAGIC))
         while pos + 16 <= len(data):
-            length, _crc, _seq = struct.unpack_from("<IIQ", data, pos)
+            length, _crc, seq = struct.unpack_from("<IIQ", data, pos)
             if pos + 16 + length > len(data):
                 break  # being written
-            yield json.loads(data[pos + 16 : pos + 16 + length])
+            if seq > seq0:
+                yield json.loads(data[pos + 16 : pos + 16 + length])
+                last = (name, pos + 16 + length, seq)
             pos += 16 + length
-        last = (name, pos)
-    yield ("cursor", f"{last[0]}:{last[1]}" if last[0] else "")
+    yield ("written", last[2] - seq0)
+    yield ("cursor", ":".join(str(x) for x in last) if last[0] else "")
 
 
 def main():
@@ -65,7 +72,7 @@ def main():
     outcomes, keys, wrong, n = collections.Counter(), set(), 0, 0
     for e in reader(path, cursor):
         if isinstance(e, tuple):
-            out["cursor"] = e[1]
+            out[e[0]] = e[1]
             continue
         if e.get("type", "usage") != "usage":
             continue
@@ -76,8 +83,9 @@ def main():
             e.get("status") != 200 or e.get("output_tokens") != want
         ):
             wrong += 1
-    out.update(entries=n, outcomes=dict(outcomes), completed_wrong_tokens=wrong,
-               distinct_keys=len(keys))
+    # entries: written since the cursor (all entry types); read: those still on disk.
+    out.update(entries=out.pop("written", n), read=n, outcomes=dict(outcomes),
+               completed_wrong_tokens=wrong, distinct_keys=len(keys))
     print(json.dumps(out))
 
 

@@ -71,7 +71,12 @@ def summarise(runs):
             for k, v in r["journal"]["outcomes"].items():
                 outcomes[k] = outcomes.get(k, 0) + v
         out["journal_outcomes"] = outcomes
-        out["journal_completed"] = outcomes.get("completed", 0)
+        out["journal_read"] = sum(r["journal"].get("read", r["journal_delta"]) for r in runs)
+        # Completed = written minus the other outcomes seen (entries in segments deleted after a
+        # checkpoint were not read; they are counted as completed only if all read ones are).
+        out["journal_completed"] = out["journal_lines"] - sum(
+            v for k, v in outcomes.items() if k != "completed"
+        )
         out["journal_completed_wrong_tokens"] = sum(
             r["journal"]["completed_wrong_tokens"] for r in runs
         )
@@ -227,8 +232,9 @@ def main():
                 )
                 print(
                     f"  - metering: wrk completed {t['requests']:,} requests; journal +"
-                    f"{t['journal_lines']:,} usage entries = {t['journal_completed']:,} completed"
-                    f"{' + ' + others if others else ''} ({ok}; "
+                    f"{t['journal_lines']:,} entries = {t['journal_completed']:,} completed"
+                    f"{' + ' + others if others else ''} ({ok}; {t['journal_read']:,} read back "
+                    f"(the rest checkpointed and deleted); "
                     f"{t['journal_completed_wrong_tokens']} with wrong tokens; "
                     f"{t['journal_distinct_keys']:,} distinct keys in one run)"
                 )
