@@ -170,26 +170,15 @@ impl Admin {
             Ok(_) => return error(StatusCode::BAD_REQUEST, "amount: must be positive"),
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("amount: {e}")),
         };
-        let kind = match grant.kind.as_deref().unwrap_or("paid") {
-            "paid" => GrantKind::Paid,
-            "promotional" => GrantKind::Promotional,
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("kind: `{other}` is not one of paid, promotional"),
-                );
-            }
+        let kind = match GrantKind::parse(grant.kind.as_deref().unwrap_or("paid")) {
+            Ok(k) => k,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("kind: {e}")),
         };
-        let expires_at_period_end = match grant.rollover.as_deref().unwrap_or("keep") {
-            "keep" => false,
-            "expire" => true,
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("rollover: `{other}` is not one of keep, expire"),
-                );
-            }
-        };
+        let expires_at_period_end =
+            match crate::balance::parse_rollover(grant.rollover.as_deref().unwrap_or("keep")) {
+                Ok(r) => r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("rollover: {e}")),
+            };
         let spec = GrantSpec {
             id: grant
                 .id

@@ -538,7 +538,7 @@ async fn attempt_once(
     let timeout = shared.config.request_timeout;
     match tokio::time::timeout(timeout, client.request(request)).await {
         Err(_) => Err(AttemptError::Timeout(timeout.as_millis())),
-        Ok(Err(e)) => Err(AttemptError::Transport(error_chain(&e))),
+        Ok(Err(e)) => Err(AttemptError::Transport(crate::http_client::error_chain(&e))),
         Ok(Ok(response)) if response.status().is_success() => Ok(()),
         Ok(Ok(response)) => Err(AttemptError::Status(response.status())),
     }
@@ -585,18 +585,6 @@ fn redact(target: &str) -> String {
     target
         .parse::<http::Uri>()
         .map_or_else(|_| "<malformed URL>".to_string(), |u| origin(&u))
-}
-
-/// An error and its sources, `: `-joined (hyper's top-level message alone is vague).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

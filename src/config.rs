@@ -1138,26 +1138,17 @@ fn validate_accounts(
             if amount == 0 {
                 problems.push(format!("{gat}.amount: must be positive"));
             }
-            let kind = match g.kind.as_deref().unwrap_or("promotional") {
-                "paid" => GrantKind::Paid,
-                "promotional" => GrantKind::Promotional,
-                other => {
-                    problems.push(format!(
-                        "{gat}.kind: `{other}` is not one of paid, promotional"
-                    ));
+            let kind =
+                GrantKind::parse(g.kind.as_deref().unwrap_or("promotional")).unwrap_or_else(|e| {
+                    problems.push(format!("{gat}.kind: {e}"));
                     GrantKind::Promotional
-                }
-            };
-            let expires_at_period_end = match g.rollover.as_deref().unwrap_or("keep") {
-                "keep" => false,
-                "expire" => true,
-                other => {
-                    problems.push(format!(
-                        "{gat}.rollover: `{other}` is not one of keep, expire"
-                    ));
-                    false
-                }
-            };
+                });
+            let expires_at_period_end =
+                crate::balance::parse_rollover(g.rollover.as_deref().unwrap_or("keep"))
+                    .unwrap_or_else(|e| {
+                        problems.push(format!("{gat}.rollover: {e}"));
+                        false
+                    });
             grants.push(GrantSpec {
                 id: g.id,
                 amount,

@@ -89,3 +89,16 @@ pub fn build(options: &ClientOptions<'_>) -> Result<HttpsClient, String> {
         .pool_max_idle_per_host(options.pool_max_idle_per_host)
         .build(https))
 }
+
+/// An error with its causes, `: `-joined: hyper's top-level message ("client error
+/// (Connect)") says little; the cause ("connection refused") sits a few levels down.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

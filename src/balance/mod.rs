@@ -50,6 +50,27 @@ pub enum GrantKind {
     Promotional,
 }
 
+impl GrantKind {
+    /// Parses `paid` / `promotional` (config and admin API share the words and the message).
+    pub fn parse(word: &str) -> Result<GrantKind, String> {
+        match word {
+            "paid" => Ok(GrantKind::Paid),
+            "promotional" => Ok(GrantKind::Promotional),
+            other => Err(format!("`{other}` is not one of paid, promotional")),
+        }
+    }
+}
+
+/// Parses a grant's rollover rule: `keep` (carries over until its expiry) or `expire`
+/// (forfeited at the end of the period it was added in). Returns `expires_at_period_end`.
+pub fn parse_rollover(word: &str) -> Result<bool, String> {
+    match word {
+        "keep" => Ok(false),
+        "expire" => Ok(true),
+        other => Err(format!("`{other}` is not one of keep, expire")),
+    }
+}
+
 /// A grant as configured or added by an admin or an automatic top-up.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GrantSpec {

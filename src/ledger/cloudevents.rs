@@ -214,7 +214,7 @@ impl CloudEventsSink {
                 "cloudevents sink `{}` ({}): {}",
                 self.name,
                 self.origin(),
-                error_chain(&e)
+                crate::http_client::error_chain(&e)
             ))
         })?;
         let status = response.status();
@@ -276,18 +276,6 @@ impl Sink for CloudEventsSink {
             }
         })
     }
-}
-
-/// An error and its sources, `: `-joined (hyper's top-level message alone is vague).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

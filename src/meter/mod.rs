@@ -113,7 +113,7 @@ impl Billing {
         let label = self
             .price
             .as_ref()
-            .map_or_else(|| Arc::from(UNPRICED_LABEL), |p| p.label.clone());
+            .map_or_else(unpriced_label, |p| p.label.clone());
         self.metrics.observe(record, &label);
         if let Some(route) = &self.alerts {
             route.announce(&self.policy, &self.account, settlement.crossings);
@@ -259,6 +259,12 @@ pub struct Meter {
 
 /// The metrics label of calls no price-book entry prices.
 const UNPRICED_LABEL: &str = "unpriced";
+
+/// The shared `unpriced` label (no allocation per request).
+fn unpriced_label() -> Arc<str> {
+    static LABEL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    LABEL.get_or_init(|| Arc::from(UNPRICED_LABEL)).clone()
+}
 
 /// Most bytes coalesced into one client frame from chunks already waiting upstream.
 const COALESCE_BYTES: usize = 16 * 1024;

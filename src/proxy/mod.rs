@@ -242,7 +242,7 @@ impl Gateway {
                     meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
                     return Err(GatewayError::UpstreamUnreachable {
                         upstream: upstream.name.to_string(),
-                        reason: error_chain(&e),
+                        reason: crate::http_client::error_chain(&e),
                     });
                 }
                 Err(_) => {
@@ -313,7 +313,11 @@ impl Gateway {
             .ok_or_else(|| GatewayError::UnknownOutcome(report.outcome.clone()))?;
         let rated = unit_price
             .checked_mul(i64::try_from(report.quantity).unwrap_or(i64::MAX))
-            .ok_or_else(|| GatewayError::MalformedJson("quantity is too large".into()))?;
+            .ok_or_else(|| {
+                GatewayError::MalformedJson(
+                    "`quantity` times the outcome price does not fit".into(),
+                )
+            })?;
         let policy = key.policy.clone();
         let account = self.balances.account(&policy, now);
         self.throttle(key, &account, 0)?;
@@ -716,16 +720,4 @@ fn dimensions(headers: &HeaderMap) -> Dimensions {
         workflow: get(HEADER_WORKFLOW),
         end_user: get(HEADER_END_USER),
     }
-}
-
-/// An error with its causes (`connection refused` sits a few levels down in hyper's errors).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
