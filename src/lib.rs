@@ -169,12 +169,10 @@ impl GatewayBuilder {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
         });
-        ledger
-            .install_shadow(ledger::Shadow {
-                balances: shadow,
-                policies,
-            })
-            .await;
+        ledger.install_shadow(ledger::Shadow {
+            balances: shadow,
+            policies,
+        });
         let checkpointer = ledger::checkpoint::spawn(
             &journal_config.dir,
             ledger.clone(),

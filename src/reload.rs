@@ -378,9 +378,11 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     // Any event in the directory triggers a check, not only events naming the file: a
     // symlinked config (Kubernetes ConfigMaps swap a `..data` link) changes without one.
-    // `file_changed` compares content digests, so unrelated events cost one read.
+    // `file_changed` compares content digests, so unrelated events cost one read. Reads and
+    // opens change nothing (and a journal kept beside the config would otherwise cause a
+    // re-read of the config file many times a second under load).
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })?;

@@ -45,7 +45,7 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// Where the writer thread puts entries. Only ever called from that thread.
+/// Where the ledger puts entries. Called under the ledger's lock.
 pub trait Journal: Send {
     /// Appends a batch, in order.
     fn append(&mut self, batch: &[LedgerEntry]) -> io::Result<()>;
@@ -53,6 +53,13 @@ pub trait Journal: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Makes everything appended so far durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// Hands buffered bytes to the operating system and returns a handle on the file to
+    /// fsync for everything appended so far, so the fsync can run without the lock. (Files
+    /// closed by a rotation were synced when they were closed.)
+    fn sync_handle(&mut self) -> io::Result<File>;
+    /// Whether the next append starts a new segment (which fsyncs: the ledger leaves it to
+    /// its writer thread).
+    fn wants_rotation(&self) -> bool;
     /// Sequence number of the last entry appended (0 when none).
     fn last_seq(&self) -> u64;
     /// Bytes the journal occupies on disk.
@@ -366,6 +373,15 @@ impl Journal for SegmentJournal {
         self.out.get_ref().sync_data()
     }
 
+    fn sync_handle(&mut self) -> io::Result<File> {
+        self.out.flush()?;
+        self.out.get_ref().try_clone()
+    }
+
+    fn wants_rotation(&self) -> bool {
+        self.segment_size >= self.segment_max_bytes
+    }
+
     fn last_seq(&self) -> u64 {
         self.next_seq - 1
     }
@@ -471,11 +487,12 @@ pub fn read_all(dir: &Path) -> io::Result<Vec<UsageRecord>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ledger::{GrantEntry, GrantSource};
 
-    fn grant(n: u64) -> LedgerEntry {
+    /// A grant entry named `g<n>`.
+    pub(crate) fn grant(n: u64) -> LedgerEntry {
         LedgerEntry::Grant(GrantEntry {
             id: uuid::Uuid::now_v7(),
             timestamp: chrono::Utc::now(),

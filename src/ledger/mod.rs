@@ -1,6 +1,7 @@
 //! The usage ledger: the [`UsageRecord`] every metered request produces, and the writer that
-//! takes records off the request path through a bounded channel and appends them to the
-//! journal on its own thread, so file I/O never runs on a runtime worker.
+//! appends it to the journal: on the submitting task when the journal is free (one `write`
+//! into the page cache), otherwise on the writer thread, which also runs every fsync, so a
+//! runtime worker never waits for the disk.
 //!
 //! The journal ([`journal::SegmentJournal`]) is append-only, checksummed and recovered at
 //! start; the flusher ships it to the configured sinks (PostgreSQL, CloudEvents, files).
@@ -14,8 +15,8 @@ pub mod postgres;
 pub mod sink;
 pub mod sinks;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -233,9 +234,6 @@ enum Message {
     Sync(oneshot::Sender<()>),
     /// Group-commit timer: fsync if anything is unsynced.
     Tick,
-    /// Installs the checkpoint shadow: balances as of the last entry written, kept up to date
-    /// by the writer as it appends (no re-reading, no re-parsing).
-    Shadow(Box<Shadow>),
     /// Asks for the shadow's state and the sequence number it covers.
     Checkpoint(oneshot::Sender<Option<(u64, Vec<crate::balance::AccountSnapshot>)>>),
 }
@@ -246,19 +244,75 @@ pub struct Shadow {
     pub policies: checkpoint::PolicySource,
 }
 
-/// The request path's handle on the journal writer.
+/// The journal and what is kept in step with it; one lock, held for an append (a `write`
+/// into the page cache), never for an fsync.
+struct WriterState {
+    journal: Box<dyn Journal>,
+    /// The checkpoint shadow: balances as of the last entry written, updated as entries are
+    /// appended (no re-reading, no re-parsing).
+    shadow: Option<Box<Shadow>>,
+}
+
+impl WriterState {
+    /// Appends `batch`, hands it to the OS, applies it to the shadow and publishes the
+    /// counters.
+    fn write(&mut self, batch: &[LedgerEntry], shared: &WriterShared) -> std::io::Result<()> {
+        self.journal
+            .append(batch)
+            .and_then(|()| self.journal.flush())?;
+        if let Some(sh) = &self.shadow {
+            let now = chrono::Utc::now();
+            for entry in batch {
+                sh.balances.apply_entry(entry, &*sh.policies, now);
+            }
+        }
+        shared
+            .written
+            .fetch_add(batch.len() as u64, Ordering::Release);
+        shared
+            .last_seq
+            .store(self.journal.last_seq(), Ordering::Release);
+        shared
+            .size_bytes
+            .store(self.journal.size_bytes(), Ordering::Release);
+        Ok(())
+    }
+}
+
+fn lock(state: &Mutex<WriterState>) -> MutexGuard<'_, WriterState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The request path's handle on the journal.
+///
+/// An entry is appended on the submitting task itself when the journal is free: one `write`
+/// into the page cache under a short lock, with no thread handoff, so a response's end is not
+/// held back by a context switch. The writer thread takes over whatever cannot go that way
+/// (the lock is busy, a segment must rotate, a write failed and is being retried,
+/// `fsync = "always"`, which needs the group commit) and every entry submitted while it has
+/// a backlog, so the journal keeps submission order. fsyncs run on the writer thread, outside
+/// the lock.
 pub struct Ledger {
     tx: mpsc::Sender<Message>,
     submitted: AtomicU64,
     shared: Arc<WriterShared>,
+    state: Arc<Mutex<WriterState>>,
+    /// Whether entries may be appended on the submitting task (not with `fsync = "always"`:
+    /// those wait for the group commit's fsync).
+    inline: bool,
 }
 
-/// What the writer thread publishes.
+/// What the writer publishes.
 #[derive(Default)]
 pub struct WriterShared {
     written: AtomicU64,
     /// Sequence number of the last entry written (handed to the OS).
     last_seq: AtomicU64,
+    /// Sequence number of the last entry known to be on disk (fsynced).
+    synced_seq: AtomicU64,
+    /// Entries handed to the writer thread and not yet written. While any are, new entries
+    /// queue behind them.
+    queued: AtomicU64,
     /// Journal size on disk, bytes.
     size_bytes: AtomicU64,
     /// Wakes the flusher when entries are written.
@@ -277,6 +331,10 @@ impl WriterShared {
     pub fn note_freed(&self, bytes: u64) {
         self.freed_bytes.fetch_add(bytes, Ordering::AcqRel);
     }
+
+    fn unsynced(&self) -> bool {
+        self.last_seq() > self.synced_seq.load(Ordering::Acquire)
+    }
 }
 
 impl Ledger {
@@ -289,13 +347,21 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let shared = Arc::new(WriterShared::default());
         shared.last_seq.store(journal.last_seq(), Ordering::Release);
+        // What recovery found is treated as on disk; the first sync covers it anyway.
+        shared
+            .synced_seq
+            .store(journal.last_seq(), Ordering::Release);
         shared
             .size_bytes
             .store(journal.size_bytes(), Ordering::Release);
-        let writer_shared = shared.clone();
+        let state = Arc::new(Mutex::new(WriterState {
+            journal,
+            shadow: None,
+        }));
+        let (writer_shared, writer_state) = (shared.clone(), state.clone());
         std::thread::Builder::new()
             .name("tollgate-journal".into())
-            .spawn(move || write_loop(journal, rx, &writer_shared, fsync))?;
+            .spawn(move || write_loop(&writer_state, rx, &writer_shared, fsync))?;
         if let FsyncPolicy::Interval(every) = fsync {
             // The timer only holds a weak sender, so it ends once the ledger is gone.
             let ticks = tx.downgrade();
@@ -313,6 +379,8 @@ impl Ledger {
             tx,
             submitted: AtomicU64::new(0),
             shared,
+            state,
+            inline: fsync != FsyncPolicy::Always,
         }))
     }
 
@@ -334,10 +402,11 @@ impl Ledger {
         self.shared.last_seq.load(Ordering::Acquire)
     }
 
-    /// Hands a record to the writer. Never blocks: when the channel is full the record waits
-    /// in a task for room (back-pressure is counted, records are never dropped).
+    /// Appends a record. Never blocks: when it cannot be written at once it goes to the
+    /// writer thread, and when that one's channel is full the record waits in a task for
+    /// room (records are never dropped).
     pub fn submit(&self, entry: impl Into<LedgerEntry>) {
-        self.send(Message::Record(Box::new(entry.into()), None));
+        self.append_or_send(entry.into(), None);
     }
 
     /// Like [`Ledger::submit`], and the returned receiver completes once the entry is written
@@ -346,17 +415,56 @@ impl Ledger {
     /// crash of the process.
     pub fn submit_acked(&self, entry: impl Into<LedgerEntry>) -> oneshot::Receiver<()> {
         let (ack, written) = oneshot::channel();
-        self.send(Message::Record(Box::new(entry.into()), Some(ack)));
+        self.append_or_send(entry.into(), Some(ack));
         written
     }
 
     /// Like [`Ledger::submit_acked`], completing a sender the caller made.
     pub fn submit_notify(&self, entry: impl Into<LedgerEntry>, ack: oneshot::Sender<()>) {
-        self.send(Message::Record(Box::new(entry.into()), Some(ack)));
+        self.append_or_send(entry.into(), Some(ack));
+    }
+
+    fn append_or_send(&self, entry: LedgerEntry, ack: Option<oneshot::Sender<()>>) {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        if self.try_append(&entry) {
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+            return;
+        }
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.send(Message::Record(Box::new(entry), ack));
+    }
+
+    /// Appends `entry` on the calling task when that keeps the journal's order and needs no
+    /// waiting: no backlog at the writer thread, the lock free, no rotation due.
+    fn try_append(&self, entry: &LedgerEntry) -> bool {
+        if !self.inline || self.shared.queued.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        // Re-checked under the lock: the writer thread drains its backlog holding it.
+        if self.shared.queued.load(Ordering::Acquire) > 0 || state.journal.wants_rotation() {
+            return false;
+        }
+        match state.write(std::slice::from_ref(entry), &self.shared) {
+            Ok(()) => {
+                drop(state);
+                self.shared.appended.notify_waiters();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal write failed; the writer thread retries it");
+                false
+            }
+        }
     }
 
     fn send(&self, msg: Message) {
-        self.submitted.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
@@ -382,17 +490,10 @@ impl Ledger {
         }
     }
 
-    /// Hands the writer the checkpoint shadow (balances as of the last entry written). Call
-    /// before any entry is submitted.
-    pub async fn install_shadow(&self, shadow: Shadow) {
-        if self
-            .tx
-            .send(Message::Shadow(Box::new(shadow)))
-            .await
-            .is_err()
-        {
-            tracing::error!("journal writer is gone; checkpoints disabled");
-        }
+    /// Installs the checkpoint shadow (balances as of the last entry written), which the
+    /// writer keeps up to date as it appends. Call before any entry is submitted.
+    pub fn install_shadow(&self, shadow: Shadow) {
+        lock(&self.state).shadow = Some(Box::new(shadow));
     }
 
     /// The shadow's state and the sequence number it covers (None without a shadow).
@@ -402,7 +503,7 @@ impl Ledger {
         rx.await.ok().flatten()
     }
 
-    /// Records handed to the writer so far.
+    /// Records submitted so far.
     pub fn submitted(&self) -> u64 {
         self.submitted.load(Ordering::Relaxed)
     }
@@ -444,8 +545,19 @@ impl Ledger {
     }
 }
 
+/// fsyncs what was written so far, holding the lock only to flush and to take the file.
+fn sync(state: &Mutex<WriterState>, shared: &WriterShared) -> std::io::Result<()> {
+    let (seq, file) = {
+        let mut state = lock(state);
+        (state.journal.last_seq(), state.journal.sync_handle()?)
+    };
+    file.sync_data()?;
+    shared.synced_seq.fetch_max(seq, Ordering::AcqRel);
+    Ok(())
+}
+
 fn write_loop(
-    mut journal: Box<dyn Journal>,
+    state: &Mutex<WriterState>,
     mut rx: mpsc::Receiver<Message>,
     shared: &WriterShared,
     fsync: FsyncPolicy,
@@ -453,9 +565,7 @@ fn write_loop(
     let mut batch: Vec<LedgerEntry> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut unsynced = false;
     let mut last_sync = std::time::Instant::now();
-    let mut shadow: Option<Box<Shadow>> = None;
     let mut checkpoint_requests = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut tick = false;
@@ -468,7 +578,6 @@ fn write_loop(
                 }
                 Message::Sync(w) => waiters.push(w),
                 Message::Tick => tick = true,
-                Message::Shadow(s) => shadow = Some(s),
                 Message::Checkpoint(reply) => checkpoint_requests.push(reply),
             }
             if batch.len() >= MAX_BATCH {
@@ -478,62 +587,146 @@ fn write_loop(
         }
         if !batch.is_empty() {
             loop {
-                match journal.append(&batch).and_then(|()| journal.flush()) {
-                    Ok(()) => break,
+                let mut st = lock(state);
+                match st.write(&batch, shared) {
+                    Ok(()) => {
+                        shared
+                            .queued
+                            .fetch_sub(batch.len() as u64, Ordering::AcqRel);
+                        break;
+                    }
                     Err(e) => {
+                        drop(st);
                         tracing::error!(error = %e, records = batch.len(), "journal write failed; retrying");
                         std::thread::sleep(WRITE_RETRY_DELAY);
                     }
                 }
             }
-            unsynced = true;
-            if let Some(sh) = &shadow {
-                let now = chrono::Utc::now();
-                for entry in &batch {
-                    sh.balances.apply_entry(entry, &*sh.policies, now);
-                }
-            }
+            shared.appended.notify_waiters();
+            batch.clear();
         }
+        let unsynced = shared.unsynced();
         let due = match fsync {
             FsyncPolicy::Always => unsynced,
             FsyncPolicy::Interval(every) => unsynced && (tick || last_sync.elapsed() >= every),
             FsyncPolicy::Never => false,
         };
         if (due || !waiters.is_empty()) && unsynced {
-            loop {
-                match journal.sync() {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "journal fsync failed; retrying");
-                        std::thread::sleep(WRITE_RETRY_DELAY);
-                    }
-                }
+            while let Err(e) = sync(state, shared) {
+                tracing::error!(error = %e, "journal fsync failed; retrying");
+                std::thread::sleep(WRITE_RETRY_DELAY);
             }
-            unsynced = false;
             last_sync = std::time::Instant::now();
-        }
-        if !batch.is_empty() {
-            shared
-                .written
-                .fetch_add(batch.len() as u64, Ordering::Release);
-            shared.last_seq.store(journal.last_seq(), Ordering::Release);
-            shared
-                .size_bytes
-                .store(journal.size_bytes(), Ordering::Release);
-            shared.appended.notify_waiters();
-            batch.clear();
         }
         for w in waiters.drain(..).chain(acks.drain(..)) {
             let _ = w.send(());
         }
         for reply in checkpoint_requests.drain(..) {
-            let state = shadow
+            let st = lock(state);
+            let snapshot = st
+                .shadow
                 .as_ref()
-                .map(|sh| (journal.last_seq(), sh.balances.export()));
-            let _ = reply.send(state);
+                .map(|sh| (st.journal.last_seq(), sh.balances.export()));
+            drop(st);
+            let _ = reply.send(snapshot);
         }
     }
-    if let Err(e) = journal.sync() {
+    if let Err(e) = lock(state).journal.sync() {
         tracing::error!(error = %e, "final journal sync failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::journal::tests::grant;
+
+    fn grant_ids(dir: &std::path::Path) -> Vec<String> {
+        journal::read_entries(dir)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                LedgerEntry::Grant(g) => g.grant_id,
+                LedgerEntry::Usage(r) => r.id.to_string(),
+            })
+            .collect()
+    }
+
+    fn start(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<Ledger> {
+        let (journal, _) = SegmentJournal::open(dir, 64 * 1024 * 1024).unwrap();
+        Ledger::start(Box::new(journal), 16, fsync).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_free_journal_is_appended_on_the_submitting_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = start(dir.path(), FsyncPolicy::Interval(Duration::from_secs(60)));
+        let mut written = ledger.submit_acked(grant(1));
+        // Written before the call returned: no handoff to the writer thread.
+        assert_eq!(written.try_recv(), Ok(()));
+        assert_eq!((ledger.written(), ledger.last_seq()), (1, 1));
+        assert_eq!(grant_ids(dir.path()), ["g1"]);
+    }
+
+    #[tokio::test]
+    async fn entries_behind_a_backlog_keep_submission_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = start(dir.path(), FsyncPolicy::Never);
+        ledger.submit(grant(1));
+        let backlog = {
+            // While the lock is held (as during a segment rotation), entries queue at the
+            // writer thread; later ones queue behind them even once the lock is free.
+            let _held = lock(&ledger.state);
+            let acks: Vec<_> = (2..=4).map(|n| ledger.submit_acked(grant(n))).collect();
+            assert_eq!(ledger.written(), 1);
+            acks
+        };
+        ledger.submit(grant(5));
+        for ack in backlog {
+            ack.await.unwrap();
+        }
+        assert!(ledger.wait_written(5, Duration::from_secs(10)).await);
+        assert_eq!(grant_ids(dir.path()), ["g1", "g2", "g3", "g4", "g5"]);
+        ledger.submit(grant(6));
+        // The backlog drained: appends are inline again.
+        assert_eq!(ledger.written(), 6);
+    }
+
+    #[tokio::test]
+    async fn rotations_run_on_the_writer_thread_and_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = SegmentJournal::open(dir.path(), 4096).unwrap();
+        let ledger = Ledger::start(Box::new(journal), 16, FsyncPolicy::Never).unwrap();
+        for n in 1..=200 {
+            ledger.submit(grant(n));
+        }
+        assert!(ledger.wait_written(200, Duration::from_secs(10)).await);
+        assert!(journal::segments(dir.path()).unwrap().len() > 3);
+        let expected: Vec<String> = (1..=200).map(|n| format!("g{n}")).collect();
+        assert_eq!(grant_ids(dir.path()), expected);
+    }
+
+    #[tokio::test]
+    async fn fsync_always_acknowledges_only_synced_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = start(dir.path(), FsyncPolicy::Always);
+        for n in 1..=3 {
+            ledger.submit_acked(grant(n)).await.unwrap();
+            assert!(ledger.shared.synced_seq.load(Ordering::Acquire) >= n);
+        }
+        assert_eq!(grant_ids(dir.path()), ["g1", "g2", "g3"]);
+    }
+
+    #[tokio::test]
+    async fn interval_policy_syncs_inline_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = start(dir.path(), FsyncPolicy::Interval(Duration::from_millis(5)));
+        ledger.submit(grant(1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ledger.shared.unsynced() {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ledger.shared.synced_seq.load(Ordering::Acquire), 1);
     }
 }
