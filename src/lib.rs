@@ -40,6 +40,14 @@ use ledger::{Ledger, SegmentJournal};
 use proxy::Gateway;
 use proxy::snapshot::Snapshot;
 
+/// The hasher of the maps the request path looks up (keys, accounts, throttles, metrics):
+/// foldhash, several times cheaper than the standard SipHash on short keys and still seeded
+/// per process. Their keys come from config, never from clients.
+pub type FastHash = foldhash::fast::RandomState;
+
+/// A concurrent map with [`FastHash`].
+pub type FastDashMap<K, V> = dashmap::DashMap<K, V, FastHash>;
+
 /// How long shutdown waits for pending alert deliveries.
 const ALERT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -145,7 +153,7 @@ impl GatewayBuilder {
             snapshot: ArcSwap::from_pointee(snapshot),
             ledger: ledger.clone(),
             balances,
-            throttles: dashmap::DashMap::new(),
+            throttles: FastDashMap::default(),
             alerter,
             clock: std::time::Instant::now(),
             metrics: Arc::new(metrics::Metrics::default()),

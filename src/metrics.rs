@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use dashmap::DashMap;
+use crate::FastDashMap as DashMap;
 
 use crate::ledger::UsageRecord;
 use crate::pricing::from_nanos;

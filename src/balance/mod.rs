@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, TimeZone, Utc};
-use dashmap::DashMap;
 use rust_decimal::Decimal;
 
 use crate::alert::{crossed_below, crossed_thresholds};
@@ -928,7 +927,7 @@ pub fn settle_account(
 /// Every account's live state, outside the config snapshot.
 #[derive(Default)]
 pub struct Balances {
-    accounts: DashMap<Arc<str>, Arc<AccountState>>,
+    accounts: crate::FastDashMap<Arc<str>, Arc<AccountState>>,
 }
 
 impl Balances {
@@ -956,7 +955,7 @@ impl Balances {
 
     /// Balances restored from a checkpoint.
     pub fn import(snapshots: &[AccountSnapshot]) -> Balances {
-        let accounts = DashMap::new();
+        let accounts = crate::FastDashMap::default();
         for s in snapshots {
             accounts.insert(
                 Arc::from(s.account.as_str()),

@@ -20,8 +20,6 @@ use hyper::body::Incoming;
 
 use std::time::Instant;
 
-use dashmap::DashMap;
-
 use crate::alert::Alerter;
 use crate::balance::throttle::KeyThrottle;
 use crate::balance::{AccountState, Balances, Refusal};
@@ -61,7 +59,7 @@ pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub ledger: Arc<Ledger>,
     pub balances: Balances,
-    pub throttles: DashMap<Arc<str>, Arc<KeyThrottle>>,
+    pub throttles: crate::FastDashMap<Arc<str>, Arc<KeyThrottle>>,
     pub alerter: Option<Arc<Alerter>>,
     /// Origin of the monotonic clock the throttles run on.
     pub clock: Instant,

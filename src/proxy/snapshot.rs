@@ -39,9 +39,9 @@ pub struct Upstream {
 
 pub struct Snapshot {
     pub config: Config,
-    keys: HashMap<[u8; 32], Arc<ApiKey>>,
+    keys: HashMap<[u8; 32], Arc<ApiKey>, crate::FastHash>,
     upstreams: Vec<Arc<Upstream>>,
-    defaults: HashMap<Dialect, usize>,
+    defaults: HashMap<Dialect, usize, crate::FastHash>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,8 @@ impl Snapshot {
         // Keys of unlisted accounts share one unlimited policy per account (a million keys
         // over ten thousand accounts must not carry a million policies).
         let mut implicit: HashMap<&str, Arc<AccountPolicy>> = HashMap::new();
-        let mut keys = HashMap::with_capacity(config.keys.len());
+        let mut keys =
+            HashMap::with_capacity_and_hasher(config.keys.len(), crate::FastHash::default());
         for k in &config.keys {
             let policy = match config.accounts.get(&k.account) {
                 Some(p) => p.clone(),
@@ -90,7 +91,7 @@ impl Snapshot {
         }
         drop(implicit);
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        let mut defaults = HashMap::new();
+        let mut defaults = HashMap::default();
         for (index, u) in config.upstreams.iter().enumerate() {
             let fail = |reason: String| UpstreamBuildError {
                 index,
