@@ -350,7 +350,7 @@ impl Journal for SegmentJournal {
             }
             self.scratch.clear();
             self.scratch.extend_from_slice(&[0u8; FRAME_HEADER]);
-            serde_json::to_writer(&mut self.scratch, entry)?;
+            entry.write_json(&mut self.scratch)?;
             let len = u32::try_from(self.scratch.len() - FRAME_HEADER)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))?;
             self.scratch[0..4].copy_from_slice(&len.to_le_bytes());

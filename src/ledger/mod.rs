@@ -56,6 +56,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name as written in records (`completed`, `upstream_error`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamUnreachable => "upstream_unreachable",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::StreamError => "stream_error",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::CutOff => "cut_off",
+            Outcome::Reported => "reported",
+        }
+    }
+
     /// Whether the call's usage is charged (upstream failures are not: providers do not bill
     /// them).
     pub fn is_billable(self) -> bool {
@@ -213,6 +227,122 @@ impl LedgerEntry {
             LedgerEntry::Usage(r) => r.timestamp,
             LedgerEntry::Grant(g) => g.timestamp,
         }
+    }
+}
+
+impl LedgerEntry {
+    /// Appends the entry's JSON document (what the journal stores) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self {
+            LedgerEntry::Usage(r) => {
+                r.write_entry_json(out);
+                Ok(())
+            }
+            LedgerEntry::Grant(_) => Ok(serde_json::to_writer(out, self)?),
+        }
+    }
+}
+
+impl UsageRecord {
+    /// Writes `{"type":"usage",...}`: the document serde writes for `LedgerEntry::Usage`
+    /// (same members, same values; a test holds them equal), written directly. serde_json
+    /// escapes every key and formats timestamps a character at a time; a record is written
+    /// per request, so the journal uses this instead.
+    fn write_entry_json(&self, out: &mut Vec<u8>) {
+        let mut num = itoa::Buffer::new();
+        let mut uuid = uuid::Uuid::encode_buffer();
+        out.extend_from_slice(br#"{"type":"usage","id":""#);
+        out.extend_from_slice(self.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        out.extend_from_slice(br#"","timestamp":""#);
+        out.extend_from_slice(
+            self.timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .as_bytes(),
+        );
+        out.extend_from_slice(br#"","key_id":"#);
+        json_str(out, &self.key_id);
+        out.extend_from_slice(br#","account":"#);
+        json_str(out, &self.account);
+        out.extend_from_slice(br#","model":"#);
+        match &self.model {
+            Some(m) => json_str(out, m),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","upstream":"#);
+        json_str(out, &self.upstream);
+        out.extend_from_slice(br#","endpoint":""#);
+        out.extend_from_slice(self.endpoint.as_str().as_bytes());
+        out.extend_from_slice(br#"","streamed":"#);
+        out.extend_from_slice(if self.streamed { b"true" } else { b"false" });
+        out.extend_from_slice(br#","status":"#);
+        out.extend_from_slice(num.format(self.status).as_bytes());
+        out.extend_from_slice(br#","outcome":""#);
+        out.extend_from_slice(self.outcome.as_str().as_bytes());
+        out.push(b'"');
+        let u = &self.usage;
+        for (name, n) in [
+            (&br#","input_tokens":"#[..], u.input_tokens),
+            (br#","output_tokens":"#, u.output_tokens),
+            (br#","cached_input_tokens":"#, u.cached_input_tokens),
+            (
+                br#","cache_creation_input_tokens":"#,
+                u.cache_creation_input_tokens,
+            ),
+            (br#","reasoning_tokens":"#, u.reasoning_tokens),
+        ] {
+            out.extend_from_slice(name);
+            out.extend_from_slice(num.format(n).as_bytes());
+        }
+        out.extend_from_slice(br#","estimated":"#);
+        out.extend_from_slice(if self.estimated { b"true" } else { b"false" });
+        out.extend_from_slice(br#","upstream_ttfb_us":"#);
+        match self.upstream_ttfb_us {
+            Some(t) => out.extend_from_slice(num.format(t).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","upstream_total_us":"#);
+        out.extend_from_slice(num.format(self.upstream_total_us).as_bytes());
+        let d = &self.dimensions;
+        for (name, value) in [
+            (&br#","feature":"#[..], &d.feature),
+            (br#","workflow":"#, &d.workflow),
+            (br#","end_user":"#, &d.end_user),
+            (br#","unit":"#, &self.unit),
+            (br#","metric":"#, &self.metric),
+        ] {
+            if let Some(v) = value {
+                out.extend_from_slice(name);
+                json_str(out, v);
+            }
+        }
+        for (name, value) in [
+            (&br#","cost":""#[..], &self.cost),
+            (br#","rated_cost":""#, &self.rated_cost),
+        ] {
+            if let Some(v) = value {
+                out.extend_from_slice(name);
+                // `Display` of a decimal is digits, sign and point: nothing to escape.
+                let _ = std::io::Write::write_fmt(out, format_args!("{v}"));
+                out.push(b'"');
+            }
+        }
+        if let Some(q) = self.quantity {
+            out.extend_from_slice(br#","quantity":"#);
+            out.extend_from_slice(num.format(q).as_bytes());
+        }
+        out.push(b'}');
+    }
+}
+
+/// Writes `s` as a JSON string: copied as is when nothing in it needs escaping.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let mut escaped = serde_json::Serializer::new(out);
+        let _ = serde::Serialize::serialize(s, &mut escaped);
     }
 }
 
@@ -650,6 +780,61 @@ mod tests {
                 LedgerEntry::Usage(r) => r.id.to_string(),
             })
             .collect()
+    }
+
+    proptest::proptest! {
+        /// The journal's hand-written JSON is the document serde writes, and reads back as
+        /// the same record.
+        #[test]
+        fn usage_json_is_what_serde_writes(
+            text in proptest::collection::vec("[ -~\n\t\u{1}\"\\\\é€😀]{0,10}", 6),
+            present in proptest::collection::vec(proptest::bool::ANY, 10),
+            numbers in proptest::collection::vec(proptest::num::u64::ANY, 8),
+            cost in (proptest::num::i64::ANY, 0u32..12),
+            status in proptest::num::u16::ANY,
+            at_nanos in 0i64..4_000_000_000_000_000_000,
+        ) {
+            let pick = |i: usize| present[i].then(|| text[i % text.len()].clone());
+            let record = UsageRecord {
+                id: uuid::Uuid::now_v7(),
+                timestamp: chrono::DateTime::from_timestamp_nanos(at_nanos),
+                key_id: Arc::from(text[0].as_str()),
+                account: Arc::from(text[1].as_str()),
+                model: pick(2),
+                upstream: Arc::from(text[3].as_str()),
+                endpoint: crate::provider::Endpoint::Responses,
+                streamed: present[9],
+                status,
+                outcome: if present[8] { Outcome::CutOff } else { Outcome::UpstreamTimeout },
+                usage: TokenUsage {
+                    input_tokens: numbers[0],
+                    output_tokens: numbers[1],
+                    cached_input_tokens: numbers[2],
+                    cache_creation_input_tokens: numbers[3],
+                    reasoning_tokens: numbers[4],
+                },
+                estimated: present[7],
+                upstream_ttfb_us: present[6].then_some(numbers[5]),
+                upstream_total_us: numbers[6],
+                dimensions: Dimensions {
+                    feature: pick(3),
+                    workflow: pick(4),
+                    end_user: pick(5),
+                },
+                cost: present[0].then(|| rust_decimal::Decimal::new(cost.0, cost.1)),
+                rated_cost: present[1].then(|| rust_decimal::Decimal::new(-cost.0 / 3, cost.1)),
+                unit: pick(1),
+                metric: pick(0),
+                quantity: present[2].then_some(numbers[7]),
+            };
+            let entry = LedgerEntry::Usage(record);
+            let mut written = Vec::new();
+            entry.write_json(&mut written).unwrap();
+            let ours: serde_json::Value = serde_json::from_slice(&written).unwrap();
+            proptest::prop_assert_eq!(ours, serde_json::to_value(&entry).unwrap());
+            let back: LedgerEntry = serde_json::from_slice(&written).unwrap();
+            proptest::prop_assert_eq!(back, entry);
+        }
     }
 
     fn start(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<Ledger> {

@@ -50,8 +50,10 @@ struct MessageStart {
 
 /// Usage from a complete non-streaming response body.
 pub fn usage_from_body(body: &[u8]) -> Option<TokenUsage> {
-    let parsed: WithUsage = serde_json::from_slice(body).ok()?;
-    parsed.usage.map(|u| u.normalise())
+    // Only the `usage` member is parsed; the rest (mostly generated text) is skipped.
+    let usage: Option<WireUsage> =
+        serde_json::from_slice(super::json::top_level_member(body, b"usage")?).ok()?;
+    usage.map(|u| u.normalise())
 }
 
 /// Feeds one stream event to the usage state. Only `message_start`, `message_delta` and

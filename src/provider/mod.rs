@@ -3,6 +3,7 @@
 //! usage, what text was generated (for the tokenizer fallback), and how errors are shaped.
 
 pub mod anthropic;
+pub mod json;
 pub mod openai;
 
 pub use crate::config::Dialect;
