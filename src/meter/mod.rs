@@ -433,12 +433,14 @@ impl Meter {
                 // accounts with limits pay for this); others only count events.
                 let budgeted = start.billing.reserved_output_tokens.is_some();
 
-                let count = |block: &SseBlock<'_>| {
+                // The chunk's text is counted once, after all its events are read: one
+                // tokenizer call per chunk instead of one per event.
+                let mut text = String::new();
+                let mut count = |block: &SseBlock<'_>| {
                     let Some(data) = block.data else { return 0 };
                     if !budgeted {
                         return 1;
                     }
-                    let mut text = String::new();
                     match dialect {
                         Dialect::OpenAi => {
                             openai::delivered_text(endpoint, block.event, data, &mut text)
@@ -447,7 +449,7 @@ impl Meter {
                             anthropic::delivered_text(block.event, data, &mut text)
                         }
                     }
-                    tokenizer::count_on_request_path(&text)
+                    0
                 };
                 let out = if *hide_usage_chunk {
                     let mut kept = BytesMut::with_capacity(data.len());
@@ -468,6 +470,9 @@ impl Meter {
                     });
                     data.clone()
                 };
+                if budgeted && !text.is_empty() {
+                    events = tokenizer::count_on_request_path(&text);
+                }
                 if *retained_bytes + data.len() <= MAX_RETAINED_STREAM_BYTES {
                     *retained_bytes += data.len();
                     retained.push(data);

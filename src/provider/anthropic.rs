@@ -99,11 +99,14 @@ pub fn delivered_text(event: &str, data: &[u8], out: &mut String) {
     if event != "content_block_delta" && event != "content_block_start" {
         return;
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+    // Only the delta (or started block) is parsed, not the whole event.
+    let Some(part) = super::json::top_level_member(data, b"delta")
+        .or_else(|| super::json::top_level_member(data, b"content_block"))
+    else {
         return;
     };
-    if let Some(d) = v.get("delta").or_else(|| v.get("content_block")) {
-        append_text(d, out);
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(part) {
+        append_text(&v, out);
     }
 }
 

@@ -5,6 +5,8 @@
 //! when the request asks (`stream_options.include_usage`), in a final chunk with `choices: []`;
 //! tollgate asks on the client's behalf and hides that chunk again when the client did not.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -165,11 +167,89 @@ fn response_event_type(data: &[u8]) -> &'static str {
     ""
 }
 
+/// The text-bearing parts of a chat or completions chunk's `choices`, borrowed from the
+/// event (budgeted streams read every event: building a `serde_json::Value` of each one cost
+/// more than everything else on the stream path together).
+#[derive(Deserialize)]
+struct ChoiceText<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    delta: Option<DeltaText<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaText<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCallText<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallText<'a> {
+    #[serde(borrow, default)]
+    function: Option<FunctionText<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionText<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// Appends the text of a chunk's `choices` (raw JSON) read through [`ChoiceText`]; false
+/// when they do not have that shape (the caller then walks them generically).
+fn append_choices_text(choices: &[u8], out: &mut String) -> bool {
+    let Ok(choices) = serde_json::from_slice::<Vec<ChoiceText<'_>>>(choices) else {
+        return false;
+    };
+    for choice in &choices {
+        out.extend(choice.text.as_deref());
+        if let Some(d) = &choice.delta {
+            for text in [&d.content, &d.refusal, &d.reasoning_content] {
+                out.extend(text.as_deref());
+            }
+            for f in d
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|c| c.function.as_ref())
+            {
+                out.extend(f.name.as_deref());
+                out.extend(f.arguments.as_deref());
+            }
+        }
+    }
+    true
+}
+
 /// Generated text carried by one stream event, for the tokenizer fallback.
 pub fn delivered_text(endpoint: Endpoint, event: &str, data: &[u8], out: &mut String) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+    if endpoint != Endpoint::Responses
+        && let Some(choices) = super::json::top_level_member(data, b"choices")
+        && append_choices_text(choices, out)
+    {
         return;
-    };
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        delivered_text_of_value(endpoint, event, &v, out);
+    }
+}
+
+/// [`delivered_text`] for any shape of event, walking a parsed value.
+fn delivered_text_of_value(
+    endpoint: Endpoint,
+    event: &str,
+    v: &serde_json::Value,
+    out: &mut String,
+) {
     match endpoint {
         Endpoint::Responses => {
             let kind = if event.is_empty() {
@@ -446,5 +526,26 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, "helloworld");
+    }
+
+    #[test]
+    fn borrowed_chunk_reading_matches_the_generic_walk() {
+        for chunk in [
+            &br#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"a \"q\" \u00e9\n"},"logprobs":null}],"usage":null}"#[..],
+            br#"{"choices":[{"delta":{"refusal":"no"}},{"delta":{"reasoning_content":"hm","content":"x"}}]}"#,
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}},{"index":1}]}}]}"#,
+            br#"{"choices":[{"text":"legacy","index":0}]}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            br#"{"choices":[{"delta":{"content":[{"type":"text","text":"parts"}]}}]}"#,
+            br#"{"choices":[{"delta":{"content":null}}]}"#,
+            br#"{"error":{"message":"boom"}}"#,
+        ] {
+            let mut fast = String::new();
+            delivered_text(Endpoint::ChatCompletions, "", chunk, &mut fast);
+            let mut generic = String::new();
+            let v: serde_json::Value = serde_json::from_slice(chunk).unwrap();
+            delivered_text_of_value(Endpoint::ChatCompletions, "", &v, &mut generic);
+            assert_eq!(fast, generic, "{}", String::from_utf8_lossy(chunk));
+        }
     }
 }
