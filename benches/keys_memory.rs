@@ -12,6 +12,10 @@ use std::fmt::Write as _;
 use tollgate::config::{Config, hash_key};
 use tollgate::proxy::snapshot::Snapshot;
 
+/// The allocator of the `tollgate` binary, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

@@ -6,8 +6,10 @@
 //! tollgate asks on the client's behalf and hides that chunk again when the client did not.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -117,14 +119,14 @@ pub fn observe_event(
             if data == b"[DONE]" {
                 return facts;
             }
-            if has_object_member(data, b"\"usage\"")
+            if has_object_member(data, &USAGE_KEY)
                 && let Ok(chunk) = serde_json::from_slice::<ChunkWithUsage>(data)
                 && let Some(u) = chunk.usage
             {
                 set_all(state, u.normalise());
                 facts.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
             }
-            if memchr::memmem::find(data, b"\"error\"").is_some()
+            if ERROR_KEY.find(data).is_some()
                 && let Ok(MaybeError { error: Some(_) }) = serde_json::from_slice(data)
             {
                 facts.error = true;
@@ -140,16 +142,22 @@ fn set_all(state: &mut StreamUsage, usage: TokenUsage) {
     state.output_known = true;
 }
 
+/// Searchers for the keys every stream event is checked for, built once (building one costs
+/// more than searching a chunk).
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+
 /// True when `key` appears followed by `:` and an object (`{`), i.e. a non-null member.
-fn has_object_member(data: &[u8], key: &[u8]) -> bool {
+fn has_object_member(data: &[u8], key: &Finder<'_>) -> bool {
     let mut from = 0;
-    while let Some(i) = memchr::memmem::find(&data[from..], key) {
-        let rest = &data[from + i + key.len()..];
+    while let Some(i) = key.find(&data[from..]) {
+        let needle = key.needle().len();
+        let rest = &data[from + i + needle..];
         let mut it = rest.iter().skip_while(|b| b.is_ascii_whitespace());
         if it.next() == Some(&b':') && it.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
             return true;
         }
-        from += i + key.len();
+        from += i + needle;
     }
     false
 }
