@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod sink;
 pub mod sinks;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
@@ -409,8 +410,8 @@ impl WriterState {
     }
 }
 
-fn lock(state: &Mutex<WriterState>) -> MutexGuard<'_, WriterState> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The request path's handle on the journal.
@@ -427,6 +428,9 @@ pub struct Ledger {
     submitted: AtomicU64,
     shared: Arc<WriterShared>,
     state: Arc<Mutex<WriterState>>,
+    /// Records that found the channel full, in order; the writer takes them once the channel
+    /// is empty.
+    overflow: Arc<Mutex<VecDeque<Message>>>,
     /// Whether entries may be appended on the submitting task (not with `fsync = "always"`:
     /// those wait for the group commit's fsync).
     inline: bool,
@@ -488,10 +492,14 @@ impl Ledger {
             journal,
             shadow: None,
         }));
-        let (writer_shared, writer_state) = (shared.clone(), state.clone());
+        let overflow = Arc::new(Mutex::new(VecDeque::new()));
+        let (writer_shared, writer_state, writer_overflow) =
+            (shared.clone(), state.clone(), overflow.clone());
         std::thread::Builder::new()
             .name("tollgate-journal".into())
-            .spawn(move || write_loop(&writer_state, rx, &writer_shared, fsync))?;
+            .spawn(move || {
+                write_loop(&writer_state, rx, &writer_overflow, &writer_shared, fsync)
+            })?;
         if let FsyncPolicy::Interval(every) = fsync {
             // The timer only holds a weak sender, so it ends once the ledger is gone.
             let ticks = tx.downgrade();
@@ -510,6 +518,7 @@ impl Ledger {
             submitted: AtomicU64::new(0),
             shared,
             state,
+            overflow,
             inline: fsync != FsyncPolicy::Always,
         }))
     }
@@ -594,26 +603,19 @@ impl Ledger {
         }
     }
 
+    /// Queues a record for the writer thread. When the channel is full the record goes to the
+    /// overflow queue instead, and so does every record after it until the writer has taken
+    /// them all: order is kept, nothing blocks, nothing is dropped.
     fn send(&self, msg: Message) {
+        let mut overflow = lock(&self.overflow);
+        if !overflow.is_empty() {
+            overflow.push_back(msg);
+            return;
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let tx = self.tx.clone();
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn(async move {
-                            if tx.send(msg).await.is_err() {
-                                tracing::error!("usage record submitted after the journal closed");
-                            }
-                        });
-                    }
-                    Err(_) => {
-                        if tx.blocking_send(msg).is_err() {
-                            tracing::error!("usage record submitted after the journal closed");
-                        }
-                    }
-                }
-            }
+            // The writer has a full channel to read, and takes the overflow once it is empty.
+            Err(mpsc::error::TrySendError::Full(msg)) => overflow.push_back(msg),
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 tracing::error!("usage record submitted after the journal closed");
             }
@@ -689,6 +691,7 @@ fn sync(state: &Mutex<WriterState>, shared: &WriterShared) -> std::io::Result<()
 fn write_loop(
     state: &Mutex<WriterState>,
     mut rx: mpsc::Receiver<Message>,
+    overflow: &Mutex<VecDeque<Message>>,
     shared: &WriterShared,
     fsync: FsyncPolicy,
 ) {
@@ -697,7 +700,12 @@ fn write_loop(
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut last_sync = std::time::Instant::now();
     let mut checkpoint_requests = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
+    // The channel first; once it is empty, the records that overflowed it (nothing enters the
+    // channel while the overflow holds any, so this is submission order).
+    let next_ready = |rx: &mut mpsc::Receiver<Message>| {
+        rx.try_recv().ok().or_else(|| lock(overflow).pop_front())
+    };
+    while let Some(first) = next_ready(&mut rx).or_else(|| rx.blocking_recv()) {
         let mut tick = false;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -713,7 +721,7 @@ fn write_loop(
             if batch.len() >= MAX_BATCH {
                 break;
             }
-            next = rx.try_recv().ok();
+            next = next_ready(&mut rx);
         }
         if !batch.is_empty() {
             loop {
@@ -875,6 +883,29 @@ mod tests {
         ledger.submit(grant(6));
         // The backlog drained: appends are inline again.
         assert_eq!(ledger.written(), 6);
+    }
+
+    #[tokio::test]
+    async fn records_overflowing_a_full_channel_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = SegmentJournal::open(dir.path(), 64 * 1024 * 1024).unwrap();
+        let ledger = Ledger::start(Box::new(journal), 2, FsyncPolicy::Never).unwrap();
+        {
+            // The writer blocks on the lock with the channel full; the rest overflows.
+            let _held = lock(&ledger.state);
+            for n in 1..=50 {
+                ledger.submit(grant(n));
+            }
+            assert!(!lock(&ledger.overflow).is_empty());
+        }
+        // Submitted while the writer drains: behind the overflow, not ahead of it.
+        for n in 51..=60 {
+            ledger.submit(grant(n));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(ledger.wait_written(60, Duration::from_secs(10)).await);
+        let expected: Vec<String> = (1..=60).map(|n| format!("g{n}")).collect();
+        assert_eq!(grant_ids(dir.path()), expected);
     }
 
     #[tokio::test]
