@@ -27,16 +27,9 @@ trap cleanup EXIT
 PIN0=() PIN1=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); fi
 
-"${PIN1[@]}" "$MOCK_BIN" --listen 127.0.0.1:0 --worker-threads 1 --openai-key upk \
-  --anthropic-key upk >"$WORK/mock.log" 2>&1 &
-PIDS+=($!)
-MOCK=""
-for _ in $(seq 1 100); do
-  MOCK="$(sed -n 's#^tollgate-mock listening on http://##p' "$WORK/mock.log")"
-  [ -n "$MOCK" ] && break
-  sleep 0.1
-done
-[ -n "$MOCK" ] || { echo "the mock did not start" >&2; exit 1; }
+# shellcheck source=load/common.sh
+. "$HERE/load/common.sh"
+start_mock "$MOCK_BIN" "$WORK" "${PIN1[@]}"
 MAX_TOKENS=16; [ "$STREAM" = 1 ] && MAX_TOKENS=50
 load() {  # seconds url -> requests completed
   BENCH_NKEYS="$NKEYS" BENCH_STREAM="$STREAM" BENCH_MAX_TOKENS="$MAX_TOKENS" \
@@ -45,19 +38,14 @@ load() {  # seconds url -> requests completed
 }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() {  # label binary -> "label requests cpu_us_per_request"
-  local dir="$WORK/$1-$RANDOM" addr="" pid
+  local dir="$WORK/$1-$RANDOM" addr pid
   mkdir -p "$dir"
   python3 "$HERE/load/gen-config.py" "$dir/tollgate.toml" "$MOCK" "$dir/journal" "$NKEYS" dir
   BENCH_UPSTREAM_KEY=upk "${PIN0[@]}" "$2" serve --config "$dir/tollgate.toml" \
     --worker-threads 1 --log-format json >"$dir/log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 1 300); do
-    addr="$(sed -n 's/.*"message":"tollgate listening","addr":"\([^"]*\)".*/\1/p' "$dir/log")"
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "$addr" ] || { cat "$dir/log" >&2; exit 1; }
+  addr="$(tollgate_addr "$dir/log")" || { cat "$dir/log" >&2; exit 1; }
   local url="http://$addr/v1/chat/completions" t0 t1 n
   load 2 "$url" >/dev/null
   t0="$(ticks "$pid")"

@@ -24,28 +24,17 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK/journal"; }
 trap cleanup EXIT
 
-"$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --worker-threads 1 --openai-key upk \
-  --anthropic-key upk >"$WORK/mock.log" 2>&1 &
-PIDS+=($!)
-MOCK=""
-for _ in $(seq 1 100); do
-  MOCK="$(sed -n 's#^tollgate-mock listening on http://##p' "$WORK/mock.log")"
-  [ -n "$MOCK" ] && break
-  sleep 0.1
-done
+# shellcheck source=load/common.sh
+. "$HERE/load/common.sh"
+start_mock "$BIN_DIR/tollgate-mock" "$WORK"
 python3 "$HERE/load/gen-config.py" "$WORK/tollgate.toml" "$MOCK" "$WORK/journal" 10000 dir
 BENCH_UPSTREAM_KEY=upk valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
   "$TOLLGATE" serve --config "$WORK/tollgate.toml" --worker-threads 1 --log-format json \
   >"$WORK/tollgate.log" 2>"$WORK/valgrind.log" &
 VG=$!
 PIDS+=("$VG")
-ADDR=""
-for _ in $(seq 1 600); do
-  ADDR="$(sed -n 's/.*"message":"tollgate listening","addr":"\([^"]*\)".*/\1/p' "$WORK/tollgate.log")"
-  [ -n "$ADDR" ] && break
-  sleep 0.2
-done
-[ -n "$ADDR" ] || { cat "$WORK/tollgate.log" "$WORK/valgrind.log" >&2; exit 1; }
+ADDR="$(tollgate_addr "$WORK/tollgate.log" 180)" \
+  || { cat "$WORK/tollgate.log" "$WORK/valgrind.log" >&2; exit 1; }
 STREAM_FIELD=""; MAX_TOKENS=16
 if [ "$STREAM" = 1 ]; then STREAM_FIELD=',"stream":true'; MAX_TOKENS=50; fi
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write a short poem about metering proxies and tokens."}],"max_tokens":'"$MAX_TOKENS$STREAM_FIELD"'}'

@@ -542,8 +542,8 @@ impl Ledger {
     }
 
     /// Appends a record. Never blocks: when it cannot be written at once it goes to the
-    /// writer thread, and when that one's channel is full the record waits in a task for
-    /// room (records are never dropped).
+    /// writer thread (through its channel, or the ordered overflow queue when the channel is
+    /// full); records are never dropped.
     pub fn submit(&self, entry: impl Into<LedgerEntry>) {
         self.append_or_send(entry.into(), None);
     }

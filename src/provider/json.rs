@@ -48,7 +48,9 @@ pub fn top_level_member<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             }
         }
     }
-    (skip_ws(body, i) == body.len()).then_some(())?;
+    if skip_ws(body, i) != body.len() {
+        return None;
+    }
     found
 }
 
