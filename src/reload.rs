@@ -272,8 +272,12 @@ impl Reloader {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             problems: vec![format!("{}: cannot read: {e}", path.display())],
         })?;
+        self.parse(&text)
+    }
+
+    fn parse(&self, text: &str) -> Result<(Config, [u8; 32]), ReloadError> {
         let digest = Sha256::digest(text.as_bytes()).into();
-        Ok((Config::parse(&text, self.env.as_ref())?, digest))
+        Ok((Config::parse(text, self.env.as_ref())?, digest))
     }
 
     /// Validates the config file and reports what applying it would change.
@@ -288,15 +292,31 @@ impl Reloader {
     /// Reads, validates and applies the config file.
     pub async fn reload_file(&self) -> Result<ConfigDiff, ReloadError> {
         let _serial = self.serial.lock().await;
-        let result = self.read().and_then(|(config, digest)| {
-            let diff = self.swap(config)?;
-            if let Ok(mut last) = self.last_digest.lock() {
-                *last = digest;
-            }
-            Ok(diff)
-        });
+        let result = self.read().and_then(|parsed| self.swap_file(parsed));
         self.count(&result);
         result
+    }
+
+    /// Applies `text`, the config file's content as the watcher saw it hold still, unless it
+    /// is what was last applied. The file is not read again: a writer that truncates and
+    /// rewrites it could be caught half-way by a second read.
+    async fn reload_watched(&self, text: &str) {
+        let _serial = self.serial.lock().await;
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if self.last_digest.lock().is_ok_and(|d| *d == digest) {
+            return;
+        }
+        let result = self.parse(text).and_then(|parsed| self.swap_file(parsed));
+        self.count(&result);
+    }
+
+    /// Swaps in a config read from the file and remembers its digest.
+    fn swap_file(&self, (config, digest): (Config, [u8; 32])) -> Result<ConfigDiff, ReloadError> {
+        let diff = self.swap(config)?;
+        if let Ok(mut last) = self.last_digest.lock() {
+            *last = digest;
+        }
+        Ok(diff)
     }
 
     /// Applies an already-validated config (tests, embedders).
@@ -346,25 +366,9 @@ impl Reloader {
         Ok(diff)
     }
 
-    /// Digest of the file's current content (None when unreadable).
-    fn file_digest(&self) -> Option<[u8; 32]> {
-        let text = std::fs::read(self.path.as_deref()?).ok()?;
-        Some(Sha256::digest(&text).into())
-    }
-
-    /// Whether the file's content differs from what was last applied.
-    fn file_changed(&self) -> bool {
-        let Some(path) = self.path.as_deref() else {
-            return false;
-        };
-        let Ok(text) = std::fs::read(path) else {
-            return false;
-        };
-        let digest: [u8; 32] = Sha256::digest(&text).into();
-        self.last_digest
-            .lock()
-            .map(|d| *d != digest)
-            .unwrap_or(true)
+    /// The file's current content (None when unreadable).
+    fn file_text(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.as_deref()?).ok()
     }
 }
 
@@ -378,7 +382,7 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     // Any event in the directory triggers a check, not only events naming the file: a
     // symlinked config (Kubernetes ConfigMaps swap a `..data` link) changes without one.
-    // `file_changed` compares content digests, so unrelated events cost one read. Reads and
+    // `reload_watched` compares content digests, so unrelated events cost one read. Reads and
     // opens change nothing (and a journal kept beside the config would otherwise cause a
     // re-read of the config file many times a second under load).
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -400,17 +404,17 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
             // An editor may still be writing (truncate, then write): reload only once the
             // content holds still across a short pause, so a half-written file is not
             // mistaken for an invalid config.
-            let mut previous = reloader.file_digest();
+            let mut previous = reloader.file_text();
             for _ in 0..STABLE_READ_ATTEMPTS {
                 tokio::time::sleep(STABLE_READ_PAUSE).await;
-                let now = reloader.file_digest();
+                let now = reloader.file_text();
                 if now == previous {
                     break;
                 }
                 previous = now;
             }
-            if reloader.file_changed() {
-                let _ = reloader.reload_file().await;
+            if let Some(text) = previous {
+                reloader.reload_watched(&text).await;
             }
         }
     });
