@@ -36,7 +36,8 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
-        /// Runtime worker threads (default: one per CPU).
+        /// Runtime worker threads (default: one per CPU). With 1, the whole gateway runs on
+        /// one thread (tokio's current-thread scheduler), besides the journal writer.
         #[arg(long)]
         worker_threads: Option<usize>,
     },
@@ -167,12 +168,19 @@ fn serve(
         None => Config::parse(EMBEDDED_CONFIG, &ProcessEnv)
             .context("the embedded example config (set the environment variables it names)")?,
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(n) = worker_threads {
-        runtime.worker_threads(n.max(1));
-    }
-    let runtime = runtime.build()?;
+    let threads = worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // One thread: tokio's single-threaded scheduler, which skips the work-stealing
+    // machinery (atomics, cross-thread wake-ups) that a lone worker cannot use anyway.
+    let mut runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.worker_threads(threads);
+        runtime
+    };
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         let mut builder = tollgate::GatewayBuilder::new(config);
         if let Some(addr) = listen {
