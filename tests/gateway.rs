@@ -662,3 +662,163 @@ async fn credentials_never_reach_responses_or_journal() {
     assert!(journal.contains("alice-dev"), "the journal was read");
     assert!(!journal.contains("SECRET") && !journal.contains(ALICE));
 }
+
+/// An upstream speaking just enough HTTP/1.1 for one chat stream per connection: it reads
+/// the request, writes the response head and `first` (one HTTP chunk per event) in a single
+/// write, then the rest once `release` fires, again in one write.
+async fn burst_upstream(
+    first: Vec<String>,
+    rest: Vec<String>,
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break;
+                }
+            }
+            assert!(n > 0, "request cut short");
+        }
+        let chunks = |events: &[String]| -> String {
+            events
+                .iter()
+                .map(|e| format!("{:x}\r\n{e}\r\n", e.len()))
+                .collect()
+        };
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        conn.write_all(format!("{head}{}", chunks(&first)).as_bytes())
+            .await
+            .unwrap();
+        let _ = release.await;
+        conn.write_all(format!("{}0\r\n\r\n", chunks(&rest)).as_bytes())
+            .await
+            .unwrap();
+        // Hold the connection until tollgate lets it go.
+        let _ = conn.read(&mut buf).await;
+    });
+    addr
+}
+
+/// Reads one HTTP chunk of a chunked body (None at the last one).
+async fn read_chunk<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    let size = usize::from_str_radix(line.trim(), 16).unwrap();
+    let mut data = vec![0; size + 2];
+    r.read_exact(&mut data).await.unwrap();
+    data.truncate(size);
+    (size > 0).then_some(data)
+}
+
+/// Reads chunks until their data adds up to `expected` (asserted); returns how many it took.
+async fn read_events<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    expected: String,
+) -> usize {
+    let mut got = String::new();
+    let mut chunks = 0;
+    while got.len() < expected.len() {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), read_chunk(reader))
+            .await
+            .expect("tollgate held back events the upstream had sent")
+            .expect("the stream ended early");
+        got.push_str(std::str::from_utf8(&chunk).unwrap());
+        chunks += 1;
+    }
+    assert_eq!(got, expected);
+    chunks
+}
+
+/// Events an upstream has already sent reach the client in a few writes, not one per event
+/// (tollgate coalesces what is waiting), yet nothing is held back waiting for more: the
+/// first burst must arrive before the upstream sends the second.
+#[tokio::test]
+async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let event = |i: usize| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}]}}\n\n"
+        )
+    };
+    let first: Vec<String> = (0..30).map(event).collect();
+    let mut rest: Vec<String> = (30..50).map(event).collect();
+    rest.push("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":50,\"total_tokens\":59}}\n\n".into());
+    rest.push("data: [DONE]\n\n".into());
+    let (release, released) = tokio::sync::oneshot::channel();
+    let upstream = burst_upstream(first.clone(), rest.clone(), released).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("usage.jsonl");
+    let config =
+        tollgate::config::Config::parse(&config_text(upstream, &journal, "", ""), &test_env())
+            .unwrap();
+    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+
+    let body = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let mut client = tokio::net::TcpStream::connect(gateway.addr())
+        .await
+        .unwrap();
+    client
+        .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {ALICE}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(client);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let first_chunks = read_events(&mut reader, first.concat()).await;
+    release.send(()).unwrap();
+    let rest_chunks = read_events(&mut reader, rest.concat()).await;
+    assert!(
+        read_chunk(&mut reader).await.is_none(),
+        "the body ends after [DONE]"
+    );
+    assert!(
+        first_chunks <= 3 && rest_chunks <= 3,
+        "30 + 22 waiting events took {first_chunks} + {rest_chunks} writes"
+    );
+
+    let ledger = gateway.ledger();
+    assert!(
+        ledger
+            .wait_written(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    ledger.sync().await;
+    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (
+            records[0].usage.input_tokens,
+            records[0].usage.output_tokens
+        ),
+        (9, 50)
+    );
+    assert!(records[0].streamed && !records[0].estimated);
+}
