@@ -18,8 +18,11 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Counts per bucket, not cumulative: an observation is one increment (plus count and sum);
+/// [`Histogram::cumulative`] sums them up for the exposition format.
 #[derive(Default)]
 struct Histogram {
+    /// Observations in `(previous bound, bound]`; the +Inf bucket is `count` minus the rest.
     buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -28,13 +31,20 @@ struct Histogram {
 impl Histogram {
     fn observe(&self, us: u64) {
         let s = us as f64 / 1e6;
-        for (i, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
-            if s <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(i) = LATENCY_BUCKETS_S.iter().position(|bound| s <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Observations at or below each bound, as Prometheus' `le` buckets count them.
+    fn cumulative(&self) -> [u64; LATENCY_BUCKETS_S.len()] {
+        let mut total = 0;
+        std::array::from_fn(|i| {
+            total += self.buckets[i].load(Ordering::Relaxed);
+            total
+        })
     }
 }
 
@@ -220,14 +230,15 @@ impl Metrics {
             for e in map.iter() {
                 let upstream = escape(e.key());
                 let h = e.value();
-                for (i, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
+                // Count first: observations landing meanwhile never make a bucket exceed it.
+                let count = h.count.load(Ordering::Relaxed);
+                for (bound, n) in LATENCY_BUCKETS_S.iter().zip(h.cumulative()) {
                     let _ = writeln!(
                         out,
                         "{name}_bucket{{upstream=\"{upstream}\",le=\"{bound}\"}} {}",
-                        h.buckets[i].load(Ordering::Relaxed)
+                        n.min(count)
                     );
                 }
-                let count = h.count.load(Ordering::Relaxed);
                 let _ = writeln!(
                     out,
                     "{name}_bucket{{upstream=\"{upstream}\",le=\"+Inf\"}} {count}\n{name}_sum{{upstream=\"{upstream}\"}} {}\n{name}_count{{upstream=\"{upstream}\"}} {count}",
@@ -249,4 +260,41 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `le` buckets are cumulative and end at the count, whatever bucket each
+    /// observation landed in.
+    #[test]
+    fn histogram_buckets_render_cumulative() {
+        let h = Histogram::default();
+        // 3 ms, 7 ms, 7 ms, 400 ms, 20 min (beyond the last bound: only +Inf counts it).
+        for us in [3_000, 7_000, 7_000, 400_000, 1_200_000_000] {
+            h.observe(us);
+        }
+        let metrics = Metrics::default();
+        metrics.ttfb.insert(Arc::from("up"), h);
+        let text = metrics.render(&[]);
+        let bucket = |le: &str| -> u64 {
+            let prefix =
+                format!("tollgate_upstream_ttfb_seconds_bucket{{upstream=\"up\",le=\"{le}\"}} ");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_default();
+            line[prefix.len().min(line.len())..]
+                .parse()
+                .unwrap_or(u64::MAX)
+        };
+        assert_eq!(bucket("0.005"), 1);
+        assert_eq!(bucket("0.01"), 3);
+        assert_eq!(bucket("0.25"), 3);
+        assert_eq!(bucket("0.5"), 4);
+        assert_eq!(bucket("300"), 4);
+        assert_eq!(bucket("+Inf"), 5);
+        assert!(text.contains("tollgate_upstream_ttfb_seconds_count{upstream=\"up\"} 5"));
+    }
 }
