@@ -44,8 +44,11 @@ def entries_segments(path, cursor):
     for name in segs:
         if name < seg0:
             continue
-        with open(os.path.join(path, name), "rb") as f:
-            data = f.read()
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue  # checkpointed and deleted since the listing
         if data[: len(MAGIC)] != MAGIC:
             continue
         pos = max(off0 if name == seg0 else 0, len(MAGIC))
