@@ -1,19 +1,24 @@
-//! The one way tollgate builds an outbound HTTP(S) client (upstreams, alert webhooks,
-//! CloudEvents sinks): hyper-util's pooled client over hyper-rustls with the ring provider,
-//! the system trust roots (loaded once per process) plus an optional PEM CA file, HTTP/1.1 and
-//! HTTP/2 by ALPN, TCP_NODELAY.
+//! The one way tollgate connects out over HTTP(S): hyper-rustls with the ring provider, the
+//! system trust roots (loaded once per process) plus an optional PEM CA file, HTTP/1.1 and
+//! HTTP/2 by ALPN, TCP_NODELAY. Alert webhooks and CloudEvents sinks use hyper-util's pooled
+//! client ([`build`]); the request path uses an [`OriginPool`] per upstream.
 
 use std::io::BufReader;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service as _;
 
 /// A pooled HTTP(S) client sending buffered bodies.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -45,6 +50,16 @@ fn system_roots() -> &'static [rustls::pki_types::CertificateDer<'static>] {
 
 /// Builds a client; fails only on an unusable CA file or TLS setup.
 pub fn build(options: &ClientOptions<'_>) -> Result<HttpsClient, String> {
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(options.pool_max_idle_per_host)
+        .build(connector(options)?))
+}
+
+/// rustls with the ring provider, the system roots and the optional CA file.
+fn tls_config(options: &ClientOptions<'_>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
     if let Some(path) = options.ca_file {
@@ -65,13 +80,14 @@ pub fn build(options: &ClientOptions<'_>) -> Result<HttpsClient, String> {
             ));
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+/// The TCP + TLS connector (ALPN offers HTTP/2 and HTTP/1.1).
+fn connector(options: &ClientOptions<'_>) -> Result<HttpsConnector<HttpConnector>, String> {
+    let tls = tls_config(options)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -82,12 +98,7 @@ pub fn build(options: &ClientOptions<'_>) -> Result<HttpsClient, String> {
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(options.pool_max_idle_per_host)
-        .build(https))
+    Ok(https)
 }
 
 /// An error with its causes, `: `-joined: hyper's top-level message ("client error
@@ -101,4 +112,240 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Connections to one upstream origin, for the request path: hyper's connection API under a
+/// small pool of its own, instead of hyper-util's general-purpose client (which hashes the
+/// origin into a shared map, boxes futures, and spawns a task per request to return the
+/// connection). HTTP/1.1 connections are reused most-recent-first and come back once their
+/// response body has been read to the end ([`PooledBody`]); an HTTP/2 connection (when ALPN
+/// picks it) is shared by all requests. A request that a pooled connection could not take
+/// (it had closed) is retried on another one.
+pub struct OriginPool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority`, what the connector dials.
+    origin: Uri,
+    /// The authority, sent as `Host` on HTTP/1.1.
+    host: HeaderValue,
+    max_idle: usize,
+    /// Idle HTTP/1.1 connections, oldest first.
+    idle: Mutex<Vec<IdleConn>>,
+    h2: Mutex<Option<http2::SendRequest<Full<Bytes>>>>,
+}
+
+struct IdleConn {
+    tx: http1::SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+/// What [`OriginPool::send`] fails with: the connect, TLS or HTTP error.
+pub type PoolError = Box<dyn std::error::Error + Send + Sync>;
+
+enum Conn {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl OriginPool {
+    /// A pool for `origin` (`scheme://host[:port]`); fails on an unusable CA file or origin.
+    pub fn new(origin: &str, options: &ClientOptions<'_>) -> Result<Arc<Self>, String> {
+        let origin: Uri = origin
+            .parse()
+            .map_err(|e| format!("upstream origin `{origin}`: {e}"))?;
+        let host = origin
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| format!("upstream origin `{origin}` has no host"))?;
+        Ok(Arc::new(Self {
+            connector: connector(options)?,
+            origin,
+            host,
+            max_idle: options.pool_max_idle_per_host,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }))
+    }
+
+    /// Sends `req` (its URI in origin form: path and query) to the origin. The body of the
+    /// response must be wrapped in [`PooledBody`] with the returned checkin, so that an
+    /// HTTP/1.1 connection is reused once the body is read.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), PoolError> {
+        if let Some(tx) = self.shared_h2() {
+            return self.send_h2(tx, req).await;
+        }
+        while let Some(mut tx) = self.checkout() {
+            if tx.ready().await.is_err() {
+                continue; // closed while idle
+            }
+            self.prepare_h1(&mut req);
+            match tx.try_send_request(req).await {
+                Ok(response) => return Ok((response, Some(self.checkin(tx)))),
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the connection went away first. Try another.
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        match self.connect().await? {
+            Conn::H1(mut tx) => {
+                self.prepare_h1(&mut req);
+                let response = tx.send_request(req).await?;
+                Ok((response, Some(self.checkin(tx))))
+            }
+            Conn::H2(tx) => self.send_h2(tx, req).await,
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), PoolError> {
+        let mut parts = http::uri::Parts::from(self.origin.clone());
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        tx.ready().await?;
+        Ok((tx.send_request(req).await?, None))
+    }
+
+    fn prepare_h1(&self, req: &mut Request<Full<Bytes>>) {
+        req.headers_mut()
+            .entry(http::header::HOST)
+            .or_insert_with(|| self.host.clone());
+    }
+
+    fn shared_h2(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
+        let mut h2 = lock(&self.h2);
+        if h2.as_ref().is_some_and(|tx| tx.is_closed()) {
+            *h2 = None;
+        }
+        h2.clone()
+    }
+
+    /// The most recently used idle HTTP/1.1 connection that is still open and fresh.
+    fn checkout(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
+        let mut idle = lock(&self.idle);
+        while let Some(conn) = idle.pop() {
+            if !conn.tx.is_closed() && conn.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(conn.tx);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, tx: http1::SendRequest<Full<Bytes>>) -> Checkin {
+        Checkin {
+            pool: self.clone(),
+            tx,
+        }
+    }
+
+    fn give_back(&self, tx: http1::SendRequest<Full<Bytes>>) {
+        if tx.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = lock(&self.idle);
+        let stale = idle
+            .iter()
+            .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT || c.tx.is_closed())
+            .count();
+        idle.drain(..stale);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(IdleConn { tx, since: now });
+    }
+
+    async fn connect(&self) -> Result<Conn, PoolError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(self.origin.clone()).await?;
+        if io.connected().is_negotiated_h2() {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            *lock(&self.h2) = Some(tx.clone());
+            Ok(Conn::H2(tx))
+        } else {
+            let (tx, conn) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            Ok(Conn::H1(tx))
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An HTTP/1.1 connection lent to one response, given back by [`PooledBody`] at its end.
+pub struct Checkin {
+    pool: Arc<OriginPool>,
+    tx: http1::SendRequest<Full<Bytes>>,
+}
+
+/// An upstream response body that gives its connection back to the pool once read to the
+/// end. Dropped earlier (client gone, error), the connection is dropped with it: hyper then
+/// closes it rather than reuse one with a response half read.
+pub struct PooledBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl PooledBody {
+    pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
+        let mut body = Self { inner, checkin };
+        if body.inner.is_end_stream() {
+            body.give_back(); // nothing to read (e.g. 204): the server may never poll it
+        }
+        body
+    }
+
+    fn give_back(&mut self) {
+        if let Some(Checkin { pool, tx }) = self.checkin.take() {
+            pool.give_back(tx);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        match &polled {
+            None => self.give_back(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => self.checkin = None,
+        }
+        std::task::Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

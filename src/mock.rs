@@ -132,6 +132,8 @@ pub struct ReceivedRequest {
     /// Header names are lowercase.
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// HTTP/1.1 or HTTP/2.
+    pub version: http::Version,
 }
 
 struct Shared {
@@ -140,6 +142,7 @@ struct Shared {
     anthropic_bearer: Vec<u8>,
     record: bool,
     count: AtomicU64,
+    connections: AtomicU64,
     log: Mutex<VecDeque<ReceivedRequest>>,
 }
 
@@ -177,6 +180,7 @@ impl MockServer {
             anthropic_key: config.anthropic_key.into_bytes(),
             record: config.record_requests,
             count: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
         });
         let (stop, stopped) = oneshot::channel();
@@ -197,6 +201,11 @@ impl MockServer {
     /// Every HTTP request received so far, any path, authorised or not.
     pub fn request_count(&self) -> u64 {
         self.shared.count.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connection_count(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// The last 1000 requests, oldest first (empty unless `record_requests`).
@@ -260,6 +269,7 @@ async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let builder = builder.clone();
@@ -389,6 +399,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBod
     };
     if shared.record {
         shared.push(ReceivedRequest {
+            version: parts.version,
             method: parts.method.as_str().to_string(),
             path: parts
                 .uri

@@ -822,3 +822,99 @@ async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
     );
     assert!(records[0].streamed && !records[0].estimated);
 }
+
+/// Sequential requests share one pooled HTTP/1.1 connection to the upstream, including
+/// after a stream and after a response with no body.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let h = Harness::start().await;
+    for stream in [false, true, false, true, false] {
+        let resp = h
+            .openai("/v1/chat/completions", ALICE, chat("gpt-4o", 3, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    h.records(5).await;
+    assert_eq!(h.mock.request_count(), 5);
+    assert_eq!(h.mock.connection_count(), 1);
+    assert!(
+        h.mock
+            .received()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_11 && r.path == "/v1/chat/completions")
+    );
+    // HTTP/1.1 requests name the upstream's authority as their Host.
+    let authority = h.mock.addr().to_string();
+    assert!(h.mock.received().iter().all(|r| {
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "host" && *v == authority)
+    }));
+}
+
+/// An upstream that closes each connection after one response (without saying so, as when
+/// its keep-alive timeout passes): the pooled connection is found closed and the next request
+/// goes out on a new one instead of failing.
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The request body is small: its head and body come in together.
+                while !String::from_utf8_lossy(&request).contains("}") {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(response.as_bytes()).await.unwrap();
+                // Then, once tollgate has pooled the connection, the upstream closes it.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("usage.jsonl");
+    let config =
+        tollgate::config::Config::parse(&config_text(upstream, &journal, "", ""), &test_env())
+            .unwrap();
+    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let resp = http
+            .post(format!("http://{}/v1/chat/completions", gateway.addr()))
+            .bearer_auth(ALICE)
+            .json(&chat("gpt-4o", 1, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        resp.bytes().await.unwrap();
+        // Let the upstream close it, and tollgate see that.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert!(
+        gateway
+            .ledger()
+            .wait_written(3, std::time::Duration::from_secs(5))
+            .await
+    );
+}

@@ -67,6 +67,13 @@ async fn https_upstream_with_private_ca_and_connection_reuse() {
             .all(|r| r.usage.input_tokens == 3 && r.usage.output_tokens == 2)
     );
     assert_eq!(mock.request_count(), 3);
+    // ALPN picked HTTP/2, and the three requests shared one connection.
+    assert!(
+        mock.received()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2)
+    );
+    assert_eq!(mock.connection_count(), 1);
 
     // Without the CA file the same upstream is refused (system roots do not trust it): 502.
     let untrusted = text.replace(&format!("ca_file = \"{}\"", ca.display()), "");

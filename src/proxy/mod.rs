@@ -25,6 +25,7 @@ use crate::balance::throttle::KeyThrottle;
 use crate::balance::{AccountState, Balances, Refusal};
 use crate::config::Dialect;
 use crate::error::GatewayError;
+use crate::http_client::PooledBody;
 use crate::ledger::{Dimensions, Ledger, Outcome};
 use crate::meter::{AlertRoute, Billing, Meter, MeterStart, MeteredBody, estimate_prompt};
 use crate::metrics::{Metrics, RefusalReason};
@@ -74,7 +75,7 @@ pub struct Gateway {
 #[allow(clippy::large_enum_variant)]
 pub enum GatewayBody {
     Full(Full<Bytes>),
-    Metered(MeteredBody<Incoming>),
+    Metered(MeteredBody<PooledBody>),
 }
 
 impl GatewayBody {
@@ -233,26 +234,28 @@ impl Gateway {
         drop(snapshot);
 
         let timeout = upstream.config.timeout;
-        let response =
-            match tokio::time::timeout(timeout, upstream.client.request(upstream_req)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => {
-                    meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
-                    return Err(GatewayError::UpstreamUnreachable {
-                        upstream: upstream.name.to_string(),
-                        reason: crate::http_client::error_chain(&e),
-                    });
-                }
-                Err(_) => {
-                    meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
-                    return Err(GatewayError::UpstreamTimeout {
-                        upstream: upstream.name.to_string(),
-                        timeout_ms: timeout.as_millis(),
-                    });
-                }
-            };
+        let response = match tokio::time::timeout(timeout, upstream.client.send(upstream_req)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
+                return Err(GatewayError::UpstreamUnreachable {
+                    upstream: upstream.name.to_string(),
+                    reason: crate::http_client::error_chain(&*e),
+                });
+            }
+            Err(_) => {
+                meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: upstream.name.to_string(),
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+        };
 
+        let (response, checkin) = response;
         let (mut head, body) = response.into_parts();
+        let body = PooledBody::new(body, checkin);
         let is_event_stream = head
             .headers
             .get(header::CONTENT_TYPE)
@@ -649,16 +652,17 @@ fn build_upstream_request(
     body: Bytes,
     endpoint: Endpoint,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
-    let mut uri = String::with_capacity(upstream.base.len() + path_and_query.len());
-    uri.push_str(&upstream.base);
-    uri.push_str(path_and_query);
-    let uri: http::Uri = uri
-        .parse()
-        .map_err(|e| GatewayError::Internal(format!("upstream URI: {e}")))?;
+    // Origin form (path and query); the pool adds what the connection's protocol needs.
+    let path_and_query = parts.uri.path_and_query();
+    let uri = match (upstream.path_prefix.is_empty(), path_and_query) {
+        (true, Some(pq)) => http::Uri::from(pq.clone()),
+        (_, pq) => {
+            let pq = pq.map_or("/", http::uri::PathAndQuery::as_str);
+            format!("{}{pq}", upstream.path_prefix)
+                .parse()
+                .map_err(|e| GatewayError::Internal(format!("upstream URI: {e}")))?
+        }
+    };
 
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     for (name, value) in &parts.headers {

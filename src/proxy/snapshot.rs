@@ -11,7 +11,7 @@ use http::HeaderValue;
 use crate::balance::AccountPolicy;
 use crate::config::{Config, Dialect, ModelMatch, UpstreamConfig};
 
-pub type UpstreamClient = crate::http_client::HttpsClient;
+pub type UpstreamClient = Arc<crate::http_client::OriginPool>;
 
 /// A client key as the request path sees it.
 #[derive(Debug)]
@@ -31,8 +31,8 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
     pub client: UpstreamClient,
-    /// `scheme://authority` of the upstream, prefix included, without trailing slash.
-    pub base: String,
+    /// The path prefix requests are sent under (no trailing slash; often empty).
+    pub path_prefix: String,
     /// The credential header (`authorization` or `x-api-key`), marked sensitive.
     pub credential: Option<(http::HeaderName, HeaderValue)>,
 }
@@ -113,11 +113,14 @@ impl Snapshot {
             });
             let client = match reusable {
                 Some(old) => old.client.clone(),
-                None => crate::http_client::build(&crate::http_client::ClientOptions {
-                    ca_file: u.ca_file.as_deref(),
-                    connect_timeout: u.connect_timeout,
-                    pool_max_idle_per_host: u.pool_max_idle_per_host,
-                })
+                None => crate::http_client::OriginPool::new(
+                    &u.config_origin(),
+                    &crate::http_client::ClientOptions {
+                        ca_file: u.ca_file.as_deref(),
+                        connect_timeout: u.connect_timeout,
+                        pool_max_idle_per_host: u.pool_max_idle_per_host,
+                    },
+                )
                 .map_err(fail)?,
             };
             let credential = match &u.credential {
@@ -140,10 +143,9 @@ impl Snapshot {
                     Some((name, value))
                 }
             };
-            let origin = u.config_origin();
             upstreams.push(Arc::new(Upstream {
                 name: Arc::from(u.name.as_str()),
-                base: format!("{origin}{}", u.path_prefix),
+                path_prefix: u.path_prefix.clone(),
                 config: u.clone(),
                 client,
                 credential,
