@@ -190,7 +190,9 @@ impl OriginPool {
                 },
             }
         }
-        match self.connect().await? {
+        // Boxed: connecting (TCP, TLS, handshakes) is rare, and its future is large; unboxed,
+        // it would make every request's future as large, and that is copied when moved.
+        match Box::pin(self.connect()).await? {
             Conn::H1(mut tx) => {
                 self.prepare_h1(&mut req);
                 let response = tx.send_request(req).await?;

@@ -24,9 +24,10 @@ pub(crate) fn spawn_data_plane(
     grace: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    // Boxed once: the request's future is several kilobytes (it holds the meter, the request
+    // parts and the upstream exchange), and each layer that moves it by value copies it all.
     spawn_listener(listener, grace, stop, move |req| {
-        let gateway = gateway.clone();
-        async move { gateway.handle(req).await }
+        Box::pin(gateway.clone().handle(req))
     })
 }
 
