@@ -13,8 +13,7 @@
 //! | length | the entry as JSON ([`LedgerEntry`]) |
 //!
 //! Writing. The newest segment is appended through a shared memory map of a file
-//! preallocated (blocks reserved) to the segment size plus slack: an append is a copy into
-//! the page cache,
+//! preallocated to the segment size (plus slack): an append is a copy into the page cache,
 //! with no system call, and like a `write` it survives a crash of the process (the pages
 //! belong to the kernel). Until the segment is closed its file is longer than its frames and
 //! reads as zeros after them; closing (rotation, shutdown) cuts it to its frames. Readers and
@@ -119,7 +118,7 @@ impl MappedSegment {
             .truncate(false)
             .open(path)?;
         let capacity = capacity.max(len);
-        preallocate(&file, capacity)?;
+        file.set_len(capacity as u64)?;
         // SAFETY: the segment file belongs to this journal, which the data directory's single
         // writer owns; nothing else resizes or writes it while it is mapped, so the map stays
         // backed by the file (no SIGBUS) and no one else changes the bytes under it.
@@ -134,14 +133,14 @@ impl MappedSegment {
 
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.cut {
-            preallocate(&self.file, self.map.len())?;
+            self.file.set_len(self.map.len() as u64)?;
             self.cut = false;
         }
         let end = self.len + bytes.len();
         if end > self.map.len() {
             // Rare: a frame larger than the slack. Grow the file and map it again.
             let capacity = end.max(self.map.len() * 2);
-            preallocate(&self.file, capacity)?;
+            self.file.set_len(capacity as u64)?;
             // SAFETY: as in `open`.
             self.map = unsafe {
                 memmap2::MmapOptions::new()
@@ -167,30 +166,6 @@ impl MappedSegment {
         self.cut = true;
         Ok(())
     }
-}
-
-/// Makes `file` at least `len` bytes long with its blocks allocated, so that a page of the
-/// map never needs a block when it is first written: on a full disk that would kill the
-/// process (SIGBUS), where running out here is an error the writer reports and retries.
-/// On a file system without `fallocate` the file is extended sparse instead.
-fn preallocate(file: &File, len: usize) -> io::Result<()> {
-    let len_i64 = i64::try_from(len).map_err(io::Error::other)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a plain system call on a file descriptor this function borrows.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64 as libc::off_t) };
-        match rc {
-            0 => return Ok(()),
-            libc::EOPNOTSUPP | libc::EINVAL => {}
-            errno => return Err(io::Error::from_raw_os_error(errno)),
-        }
-    }
-    let _ = len_i64;
-    if file.metadata()?.len() < len as u64 {
-        file.set_len(len as u64)?;
-    }
-    Ok(())
 }
 
 impl Drop for MappedSegment {
