@@ -54,8 +54,8 @@ def entries_segments(path, cursor):
         pos = max(off0 if name == seg0 else 0, len(MAGIC))
         while pos + 16 <= len(data):
             length, _crc, seq = struct.unpack_from("<IIQ", data, pos)
-            if pos + 16 + length > len(data) or (length == 0 and seq == 0):
-                break  # being written, or the zeros after the newest segment's frames
+            if pos + 16 + length > len(data):
+                break  # being written
             if seq > seq0:
                 yield json.loads(data[pos + 16 : pos + 16 + length])
                 last = (name, pos + 16 + length, seq)

@@ -12,22 +12,12 @@
 //! | 8 | sequence number, u64 little-endian (strictly increasing) |
 //! | length | the entry as JSON ([`LedgerEntry`]) |
 //!
-//! Writing. The newest segment is appended through a shared memory map of a file
-//! preallocated to the segment size (plus slack): an append is a copy into the page cache,
-//! with no system call, and like a `write` it survives a crash of the process (the pages
-//! belong to the kernel). Until the segment is closed its file is longer than its frames and
-//! reads as zeros after them; closing (rotation, shutdown) cuts it to its frames. Readers and
-//! recovery take a zero frame header as the end.
-//!
 //! Durability. `fsync = "always"` syncs every batch before the writer takes the next, so an
 //! entry counted as written is on disk; `"interval"` (group commit) syncs at most every
 //! `fsync_interval_ms`, bounding what a power loss can take to that window (a process crash
-//! loses nothing appended); `"never"` leaves it to the OS. (On Linux `fdatasync` writes back
-//! pages dirtied through a shared mapping like any other.)
+//! loses nothing the writer handed to the kernel); `"never"` leaves it to the OS.
 //!
-//! Recovery. Opening the journal scans every segment. Zeros after the last frame of the
-//! newest segment (it was not closed: the process was killed) are cut off quietly. A torn
-//! tail (an incomplete or
+//! Recovery. Opening the journal scans every segment. A torn tail (an incomplete or
 //! checksum-failing frame at the end of the newest segment — a write cut short by a crash) is
 //! truncated, with a log line giving the bytes dropped. A checksum failure with a sound
 //! length and a valid frame after it (a flipped byte) skips that one frame and copies its
@@ -35,7 +25,7 @@
 //! its rest quarantined. Nothing is dropped silently.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{LedgerEntry, UsageRecord};
@@ -46,8 +36,6 @@ const FRAME_HEADER: usize = 16;
 /// Largest payload accepted when reading; a longer length field is corruption.
 const MAX_FRAME_PAYLOAD: u32 = 16 * 1024 * 1024;
 const SEGMENT_SUFFIX: &str = ".seg";
-/// How much of a segment a reader takes at a time.
-const READ_CHUNK: u64 = 1024 * 1024;
 
 /// When the writer fsyncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +57,6 @@ pub trait Journal: Send {
     /// fsync for everything appended so far, so the fsync can run without the lock. (Files
     /// closed by a rotation were synced when they were closed.)
     fn sync_handle(&mut self) -> io::Result<File>;
-    /// Syncs, and leaves the files as a reader expects them (the newest segment cut to its
-    /// frames). Appends may still follow (they undo the cut).
-    fn close(&mut self) -> io::Result<()>;
     /// Whether the next append starts a new segment (which fsyncs: the ledger leaves it to
     /// its writer thread).
     fn wants_rotation(&self) -> bool;
@@ -92,94 +77,10 @@ pub struct Recovery {
     pub quarantined: usize,
 }
 
-/// Room past `segment_max_bytes` mapped with each segment, so that the frame which crosses
-/// the limit fits without growing the map.
-const SEGMENT_SLACK: usize = 256 * 1024;
-
-/// The newest segment, open for appending through a shared memory map (see the module docs).
-struct MappedSegment {
-    file: File,
-    map: memmap2::MmapMut,
-    /// Bytes of frames (and magic) written; the map and the file are longer.
-    len: usize,
-    /// The file was cut to `len` (shutdown) while still mapped: the next append first makes
-    /// it as long as the map again, so no write lands past its end.
-    cut: bool,
-}
-
-impl MappedSegment {
-    /// Maps `path` (created when missing), whose first `len` bytes are its content, with room
-    /// for at least `capacity` bytes.
-    fn open(path: &Path, len: usize, capacity: usize) -> io::Result<MappedSegment> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let capacity = capacity.max(len);
-        file.set_len(capacity as u64)?;
-        // SAFETY: the segment file belongs to this journal, which the data directory's single
-        // writer owns; nothing else resizes or writes it while it is mapped, so the map stays
-        // backed by the file (no SIGBUS) and no one else changes the bytes under it.
-        let map = unsafe { memmap2::MmapOptions::new().len(capacity).map_mut(&file)? };
-        Ok(MappedSegment {
-            file,
-            map,
-            len,
-            cut: false,
-        })
-    }
-
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if self.cut {
-            self.file.set_len(self.map.len() as u64)?;
-            self.cut = false;
-        }
-        let end = self.len + bytes.len();
-        if end > self.map.len() {
-            // Rare: a frame larger than the slack. Grow the file and map it again.
-            let capacity = end.max(self.map.len() * 2);
-            self.file.set_len(capacity as u64)?;
-            // SAFETY: as in `open`.
-            self.map = unsafe {
-                memmap2::MmapOptions::new()
-                    .len(capacity)
-                    .map_mut(&self.file)?
-            };
-        }
-        self.map[self.len..end].copy_from_slice(bytes);
-        self.len = end;
-        Ok(())
-    }
-
-    /// Writes the segment's pages back and syncs the file's data.
-    fn sync(&self) -> io::Result<()> {
-        self.map
-            .flush_range(0, self.len.max(1).min(self.map.len()))?;
-        self.file.sync_data()
-    }
-
-    /// Cuts the file to its frames, keeping the map (nothing touches it past `len`).
-    fn cut(&mut self) -> io::Result<()> {
-        self.file.set_len(self.len as u64)?;
-        self.cut = true;
-        Ok(())
-    }
-}
-
-impl Drop for MappedSegment {
-    fn drop(&mut self) {
-        if let Err(e) = self.cut() {
-            tracing::error!(error = %e, "cannot cut a journal segment to its length; recovery will");
-        }
-    }
-}
-
 /// The segment journal.
 pub struct SegmentJournal {
     dir: PathBuf,
-    out: MappedSegment,
+    out: BufWriter<File>,
     segment_size: u64,
     segment_max_bytes: u64,
     /// Bytes of closed segments.
@@ -338,15 +239,6 @@ impl SegmentJournal {
                 );
                 offset = end;
                 let Some(problem) = problem else { break };
-                if buf[offset..].iter().all(|b| *b == 0) {
-                    // The preallocated rest of a segment that was never closed (killed while
-                    // it was the newest, or during a rotation): not damage.
-                    let f = OpenOptions::new().write(true).open(path)?;
-                    f.set_len(offset as u64)?;
-                    f.sync_data()?;
-                    buf.truncate(offset);
-                    break;
-                }
                 // A flipped byte: the length is sound and a good frame follows. Skip it.
                 if let Frame::BadChecksum { len } = parse_frame(&buf[offset..])
                     && offset + len <= buf.len()
@@ -408,23 +300,22 @@ impl SegmentJournal {
             }
             None => (dir.join(segment_name(next_seq)), 0),
         };
-        let segment_max_bytes = segment_max_bytes.max(4096);
-        let capacity = segment_capacity(segment_max_bytes);
-        let out = if size == 0 {
-            new_segment(dir, &path, capacity)?
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = if size == 0 {
+            file.write_all(SEGMENT_MAGIC)?;
+            file.sync_data()?;
+            sync_dir(dir)?;
+            SEGMENT_MAGIC.len() as u64
         } else {
-            MappedSegment::open(
-                &path,
-                usize::try_from(size).map_err(io::Error::other)?,
-                capacity,
-            )?
+            size
         };
+        file.seek(SeekFrom::End(0))?;
         Ok((
             SegmentJournal {
                 dir: dir.to_path_buf(),
-                segment_size: out.len as u64,
-                out,
-                segment_max_bytes,
+                out: BufWriter::with_capacity(256 * 1024, file),
+                segment_size: size,
+                segment_max_bytes: segment_max_bytes.max(4096),
                 closed_bytes,
                 next_seq,
                 scratch: Vec::with_capacity(1024),
@@ -434,30 +325,17 @@ impl SegmentJournal {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.out.sync()?;
+        self.out.flush()?;
+        self.out.get_ref().sync_data()?;
         let path = self.dir.join(segment_name(self.next_seq));
-        let next = new_segment(&self.dir, &path, segment_capacity(self.segment_max_bytes))?;
-        // Dropping the old segment cuts its file to its frames.
-        drop(std::mem::replace(&mut self.out, next));
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        file.write_all(SEGMENT_MAGIC)?;
+        sync_dir(&self.dir)?;
         self.closed_bytes += self.segment_size;
+        self.out = BufWriter::with_capacity(256 * 1024, file);
         self.segment_size = SEGMENT_MAGIC.len() as u64;
         Ok(())
     }
-}
-
-fn segment_capacity(segment_max_bytes: u64) -> usize {
-    usize::try_from(segment_max_bytes)
-        .unwrap_or(usize::MAX / 2)
-        .saturating_add(SEGMENT_SLACK)
-}
-
-/// Creates a segment holding just the magic, synced, its directory entry too.
-fn new_segment(dir: &Path, path: &Path, capacity: usize) -> io::Result<MappedSegment> {
-    let mut out = MappedSegment::open(path, 0, capacity)?;
-    out.append(SEGMENT_MAGIC)?;
-    out.sync()?;
-    sync_dir(dir)?;
-    Ok(out)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -479,7 +357,7 @@ impl Journal for SegmentJournal {
             self.scratch[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
             let crc = crc32c::crc32c(&self.scratch[8..]);
             self.scratch[4..8].copy_from_slice(&crc.to_le_bytes());
-            self.out.append(&self.scratch)?;
+            self.out.write_all(&self.scratch)?;
             self.segment_size += self.scratch.len() as u64;
             self.next_seq += 1;
         }
@@ -487,20 +365,17 @@ impl Journal for SegmentJournal {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(()) // appends are already in the page cache
+        self.out.flush()
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.out.sync()
+        self.out.flush()?;
+        self.out.get_ref().sync_data()
     }
 
     fn sync_handle(&mut self) -> io::Result<File> {
-        self.out.file.try_clone()
-    }
-
-    fn close(&mut self) -> io::Result<()> {
-        self.out.sync()?;
-        self.out.cut()
+        self.out.flush()?;
+        self.out.get_ref().try_clone()
     }
 
     fn wants_rotation(&self) -> bool {
@@ -558,38 +433,25 @@ impl JournalReader {
                 Err(e) => return Err(e),
             };
             file.seek(SeekFrom::Start(offset))?;
-            // Read a chunk at a time: the newest segment's file runs on in zeros past its
-            // frames (see the module docs), which need not be read.
             let mut buf = Vec::new();
+            file.read_to_end(&mut buf)?;
             let mut off = 0usize;
-            loop {
-                let got = (&mut file).take(READ_CHUNK).read_to_end(&mut buf)?;
-                let stop = loop {
-                    if out.len() >= max {
-                        break None;
-                    }
-                    // Stop at a frame still being written, at the zeros after the last one
-                    // (or at damage: recovery deals with that at the next start).
-                    match parse_frame(&buf[off..]) {
-                        Frame::Entry { seq, payload, len } => {
-                            if seq > self.after_seq {
-                                match serde_json::from_slice::<LedgerEntry>(payload) {
-                                    Ok(entry) => out.push((seq, entry)),
-                                    Err(e) => {
-                                        tracing::error!(seq, error = %e, "journal entry does not parse; skipped")
-                                    }
-                                }
-                                self.after_seq = seq;
-                            }
-                            off += len;
-                        }
-                        other => break Some(other),
-                    }
-                };
-                // Only a frame cut by the chunk's end is worth reading on for.
-                if got < READ_CHUNK as usize || !matches!(stop, Some(Frame::Incomplete)) {
+            while out.len() < max {
+                // Stop at a frame still being written (or unreadable: recovery deals with
+                // that at the next start).
+                let Frame::Entry { seq, payload, len } = parse_frame(&buf[off..]) else {
                     break;
+                };
+                if seq > self.after_seq {
+                    match serde_json::from_slice::<LedgerEntry>(payload) {
+                        Ok(entry) => out.push((seq, entry)),
+                        Err(e) => {
+                            tracing::error!(seq, error = %e, "journal entry does not parse; skipped")
+                        }
+                    }
+                    self.after_seq = seq;
                 }
+                off += len;
             }
             self.position = Some((*first, path.clone(), offset + off as u64));
             if out.len() >= max {
@@ -677,73 +539,6 @@ pub(crate) mod tests {
         let all = ids(dir.path());
         assert_eq!(all.len(), 51);
         assert_eq!(all[50], "g51");
-    }
-
-    /// The newest segment is a preallocated file: frames, then zeros. Killed without closing
-    /// (the journal is leaked, as a SIGKILL leaves it), every frame is recovered, the zeros
-    /// are cut off as the end rather than reported as damage, and appends continue.
-    #[test]
-    fn a_segment_left_open_is_recovered_to_its_frames() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = SegmentJournal::open(dir.path(), 1 << 20).unwrap();
-        j.append(&(1..=7).map(grant).collect::<Vec<_>>()).unwrap();
-        let frames_len = j.size_bytes();
-        std::mem::forget(j);
-        let (_, path) = segments(dir.path()).unwrap().pop().unwrap();
-        let file_len = fs::metadata(&path).unwrap().len();
-        assert!(
-            file_len > frames_len,
-            "preallocated: {file_len} vs {frames_len}"
-        );
-        // A reader meanwhile sees the frames and stops at the zeros.
-        assert_eq!(ids(dir.path()).len(), 7);
-
-        let (mut j, rec) = SegmentJournal::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(rec.entries.len(), 7);
-        assert_eq!((rec.truncated_bytes, rec.quarantined), (0, 0));
-        assert!(!dir.path().join("quarantine").exists());
-        assert_eq!(j.last_seq(), 7);
-        j.append(&[grant(8)]).unwrap();
-        j.close().unwrap();
-        // Closed, the file holds exactly its frames.
-        assert_eq!(fs::metadata(&path).unwrap().len(), j.size_bytes());
-        // An append after closing extends it again.
-        j.append(&[grant(9)]).unwrap();
-        drop(j);
-        assert_eq!(
-            ids(dir.path()),
-            (1..=9).map(|i| format!("g{i}")).collect::<Vec<_>>()
-        );
-        let bytes = fs::read(&path).unwrap();
-        assert_eq!(
-            bytes.len() as u64,
-            SEGMENT_MAGIC.len() as u64 + {
-                let mut n = 0u64;
-                let mut at = SEGMENT_MAGIC.len();
-                while let Frame::Entry { len, .. } = parse_frame(&bytes[at..]) {
-                    n += len as u64;
-                    at += len;
-                }
-                n
-            }
-        );
-    }
-
-    /// A frame larger than the mapped slack grows the segment instead of failing, and a
-    /// reader reads it across its 1 MiB chunks.
-    #[test]
-    fn a_frame_larger_than_the_map_grows_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = SegmentJournal::open(dir.path(), 4096).unwrap();
-        let mut big = grant(1);
-        if let LedgerEntry::Grant(g) = &mut big {
-            g.grant_id = "x".repeat(3 * 1024 * 1024);
-        }
-        j.append(&[grant(0), big, grant(2)]).unwrap();
-        let got = ids(dir.path());
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[1].len(), 3 * 1024 * 1024);
-        assert_eq!(got[2], "g2");
     }
 
     #[test]

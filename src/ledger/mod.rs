@@ -671,13 +671,9 @@ impl Ledger {
         }
     }
 
-    /// Flushes and fsyncs everything submitted so far and leaves the journal's files complete
-    /// for readers; used at shutdown.
+    /// Flushes and fsyncs everything submitted so far; used at shutdown.
     pub async fn close(&self) {
         self.sync().await;
-        if let Err(e) = lock(&self.state).journal.close() {
-            tracing::error!(error = %e, "closing the journal failed; recovery repairs it at the next start");
-        }
     }
 }
 
