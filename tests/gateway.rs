@@ -766,12 +766,7 @@ async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
     let (release, released) = tokio::sync::oneshot::channel();
     let upstream = burst_upstream(first.clone(), rest.clone(), released).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let journal = dir.path().join("usage.jsonl");
-    let config =
-        tollgate::config::Config::parse(&config_text(upstream, &journal, "", ""), &test_env())
-            .unwrap();
-    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+    let (gateway, journal, _dir) = gateway_for(upstream).await;
 
     let body = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "hi"}]})
@@ -890,12 +885,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let journal = dir.path().join("usage.jsonl");
-    let config =
-        tollgate::config::Config::parse(&config_text(upstream, &journal, "", ""), &test_env())
-            .unwrap();
-    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+    let (gateway, _journal, _dir) = gateway_for(upstream).await;
     let http = reqwest::Client::new();
     for _ in 0..3 {
         let resp = http

@@ -97,6 +97,18 @@ pub fn test_env() -> HashMap<String, String> {
     ])
 }
 
+/// A gateway with the test config whose upstreams all point at `upstream` (a test's own
+/// server instead of the mock); returns it with its journal path and the directory holding it.
+pub async fn gateway_for(
+    upstream: std::net::SocketAddr,
+) -> (RunningGateway, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("usage.jsonl");
+    let config = Config::parse(&config_text(upstream, &journal, "", ""), &test_env()).unwrap();
+    let gateway = GatewayBuilder::new(config).start().await.unwrap();
+    (gateway, journal, dir)
+}
+
 impl Harness {
     pub async fn start() -> Harness {
         Self::start_with("", "").await
