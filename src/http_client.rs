@@ -6,6 +6,8 @@
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwapOption;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -85,6 +87,7 @@ fn tls_config(options: &ClientOptions<'_>) -> Result<rustls::ClientConfig, Strin
         .map_err(|e| e.to_string())
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
+
 /// The TCP + TLS connector (ALPN offers HTTP/2 and HTTP/1.1).
 fn connector(options: &ClientOptions<'_>) -> Result<HttpsConnector<HttpConnector>, String> {
     let tls = tls_config(options)?;
@@ -130,7 +133,9 @@ pub struct OriginPool {
     max_idle: usize,
     /// Idle HTTP/1.1 connections, oldest first.
     idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<http2::SendRequest<Full<Bytes>>>>,
+    /// The shared HTTP/2 connection, when ALPN picked HTTP/2 (read without a lock: every
+    /// request looks here first).
+    h2: ArcSwapOption<http2::SendRequest<Full<Bytes>>>,
 }
 
 struct IdleConn {
@@ -162,7 +167,7 @@ impl OriginPool {
             host,
             max_idle: options.pool_max_idle_per_host,
             idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: ArcSwapOption::empty(),
         }))
     }
 
@@ -221,16 +226,19 @@ impl OriginPool {
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
-        let mut h2 = lock(&self.h2);
-        if h2.as_ref().is_some_and(|tx| tx.is_closed()) {
-            *h2 = None;
+        let current = self.h2.load();
+        let tx = current.as_ref()?;
+        if tx.is_closed() {
+            // Gone; unless a new one replaced it meanwhile, forget it.
+            self.h2.compare_and_swap(&*current, None);
+            return None;
         }
-        h2.clone()
+        Some((**tx).clone())
     }
 
     /// The most recently used idle HTTP/1.1 connection that is still open and fresh.
     fn checkout(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let mut idle = lock(&self.idle);
+        let mut idle = crate::lock(&self.idle);
         while let Some(conn) = idle.pop() {
             if !conn.tx.is_closed() && conn.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(conn.tx);
@@ -251,7 +259,7 @@ impl OriginPool {
             return;
         }
         let now = Instant::now();
-        let mut idle = lock(&self.idle);
+        let mut idle = crate::lock(&self.idle);
         let stale = idle
             .iter()
             .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT || c.tx.is_closed())
@@ -277,7 +285,7 @@ impl OriginPool {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });
-            *lock(&self.h2) = Some(tx.clone());
+            self.h2.store(Some(Arc::new(tx.clone())));
             Ok(Conn::H2(tx))
         } else {
             let (tx, conn) = http1::handshake(io).await?;
@@ -289,10 +297,6 @@ impl OriginPool {
             Ok(Conn::H1(tx))
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An HTTP/1.1 connection lent to one response, given back by [`PooledBody`] at its end.

@@ -48,6 +48,15 @@ pub type FastHash = foldhash::fast::RandomState;
 /// A concurrent map with [`FastHash`].
 pub type FastDashMap<K, V> = dashmap::DashMap<K, V, FastHash>;
 
+/// Locks a mutex, taking the data even if a thread panicked holding it: every mutex in
+/// tollgate guards state that stays consistent between statements (queues, pools, the
+/// journal), so a poisoned one is still usable, and the gateway must not stop over it.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long shutdown waits for pending alert deliveries.
 const ALERT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -148,7 +148,7 @@ struct Shared {
 
 impl Shared {
     fn push(&self, request: ReceivedRequest) {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = crate::lock(&self.log);
         if log.len() >= RECORD_LIMIT {
             log.pop_front();
         }
@@ -210,7 +210,7 @@ impl MockServer {
 
     /// The last 1000 requests, oldest first (empty unless `record_requests`).
     pub fn received(&self) -> Vec<ReceivedRequest> {
-        let log = self.shared.log.lock().unwrap_or_else(|e| e.into_inner());
+        let log = crate::lock(&self.shared.log);
         log.iter().cloned().collect()
     }
 

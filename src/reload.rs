@@ -303,7 +303,7 @@ impl Reloader {
     async fn reload_watched(&self, text: &str) {
         let _serial = self.serial.lock().await;
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if self.last_digest.lock().is_ok_and(|d| *d == digest) {
+        if *crate::lock(&self.last_digest) == digest {
             return;
         }
         let result = self.parse(text).and_then(|parsed| self.swap_file(parsed));
@@ -313,9 +313,7 @@ impl Reloader {
     /// Swaps in a config read from the file and remembers its digest.
     fn swap_file(&self, (config, digest): (Config, [u8; 32])) -> Result<ConfigDiff, ReloadError> {
         let diff = self.swap(config)?;
-        if let Ok(mut last) = self.last_digest.lock() {
-            *last = digest;
-        }
+        *crate::lock(&self.last_digest) = digest;
         Ok(diff)
     }
 

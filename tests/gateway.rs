@@ -818,8 +818,8 @@ async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
     assert!(records[0].streamed && !records[0].estimated);
 }
 
-/// Sequential requests share one pooled HTTP/1.1 connection to the upstream, including
-/// after a stream and after a response with no body.
+/// Sequential requests share one pooled HTTP/1.1 connection to the upstream, streams and
+/// non-streaming responses alike.
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let h = Harness::start().await;
@@ -906,5 +906,89 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
             .ledger()
             .wait_written(3, std::time::Duration::from_secs(5))
             .await
+    );
+}
+
+/// Responses without a body (204) give their connection back too: three requests, one
+/// upstream connection.
+#[tokio::test]
+async fn a_connection_is_reused_after_a_response_without_a_body() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Body-less GETs: each request ends with its head.
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let (gateway, _journal, _dir) = gateway_for(upstream).await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let resp = http
+            .get(format!("http://{}/v1/models", gateway.addr()))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+        resp.bytes().await.unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// An upstream `base_url` with a path: requests go to that prefix plus the client's path and
+/// query, on the upstream's origin.
+#[tokio::test]
+async fn an_upstream_path_prefix_and_the_query_reach_the_upstream() {
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("usage.jsonl");
+    let plain = format!("base_url = \"http://{}\"", h.mock.addr());
+    let text = config_text(h.mock.addr(), &journal, "", "").replace(
+        &plain,
+        &format!("base_url = \"http://{}/gw/openai\"", h.mock.addr()),
+    );
+    assert!(text.contains("/gw/openai"));
+    let config = tollgate::config::Config::parse(&text, &test_env()).unwrap();
+    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+    let resp = h
+        .http
+        .get(format!(
+            "http://{}/v1/models?limit=2&after=m",
+            gateway.addr()
+        ))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    resp.bytes().await.unwrap();
+    let got = h.mock.received().last().unwrap().clone();
+    assert_eq!(got.path, "/gw/openai/v1/models?limit=2&after=m");
+    let authority = h.mock.addr().to_string();
+    assert!(
+        got.headers
+            .iter()
+            .any(|(k, v)| k == "host" && *v == authority)
     );
 }

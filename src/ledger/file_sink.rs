@@ -20,7 +20,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use uuid::Uuid;
@@ -90,7 +90,7 @@ impl Sink for FileSink {
             let path = self.path.clone();
             let name = self.name.clone();
             tokio::task::spawn_blocking(move || {
-                let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut state = crate::lock(&state);
                 write_batch(&mut state, &path, &lines).map_err(|e| {
                     SinkError::Retryable(format!("file sink `{name}` ({}): {e}", path.display()))
                 })

@@ -17,7 +17,7 @@ pub mod sinks;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::lock;
 use crate::provider::{Endpoint, TokenUsage};
 
 pub use journal::{FsyncPolicy, Journal, SegmentJournal};
@@ -408,10 +409,6 @@ impl WriterState {
             .store(self.journal.size_bytes(), Ordering::Release);
         Ok(())
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The request path's handle on the journal.

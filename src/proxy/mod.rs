@@ -234,26 +234,25 @@ impl Gateway {
         drop(snapshot);
 
         let timeout = upstream.config.timeout;
-        let response = match tokio::time::timeout(timeout, upstream.client.send(upstream_req)).await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
-                return Err(GatewayError::UpstreamUnreachable {
-                    upstream: upstream.name.to_string(),
-                    reason: crate::http_client::error_chain(&*e),
-                });
-            }
-            Err(_) => {
-                meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
-                return Err(GatewayError::UpstreamTimeout {
-                    upstream: upstream.name.to_string(),
-                    timeout_ms: timeout.as_millis(),
-                });
-            }
-        };
+        let (response, checkin) =
+            match tokio::time::timeout(timeout, upstream.client.send(upstream_req)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => {
+                    meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
+                    return Err(GatewayError::UpstreamUnreachable {
+                        upstream: upstream.name.to_string(),
+                        reason: crate::http_client::error_chain(&*e),
+                    });
+                }
+                Err(_) => {
+                    meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
+                    return Err(GatewayError::UpstreamTimeout {
+                        upstream: upstream.name.to_string(),
+                        timeout_ms: timeout.as_millis(),
+                    });
+                }
+            };
 
-        let (response, checkin) = response;
         let (mut head, body) = response.into_parts();
         let body = PooledBody::new(body, checkin);
         let is_event_stream = head
