@@ -688,12 +688,13 @@ struct Served {
 }
 
 impl Served {
-    fn spawn(config: &Path, listen: &str, env: &HashMap<String, String>) -> Served {
+    fn spawn(config: &Path, listen: &str, env: &HashMap<String, String>, args: &[&str]) -> Served {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
             .arg("--config")
             .arg(config)
             .args(["--listen", listen])
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .envs(env)
@@ -720,9 +721,19 @@ impl Served {
     /// Starts `tollgate serve` and waits until it listens; retries while the address is still
     /// taken (a killed predecessor's sockets).
     async fn start(config: &Path, listen: &str, env: &HashMap<String, String>) -> Served {
+        Served::start_with(config, listen, env, &[]).await
+    }
+
+    /// [`Served::start`] with more command-line arguments.
+    async fn start_with(
+        config: &Path,
+        listen: &str,
+        env: &HashMap<String, String>,
+        args: &[&str],
+    ) -> Served {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let mut served = Served::spawn(config, listen, env);
+            let mut served = Served::spawn(config, listen, env, args);
             match served.wait_listening().await {
                 Ok(()) => return served,
                 Err(log) if log.contains("cannot listen") && Instant::now() < deadline => {
@@ -986,21 +997,31 @@ async fn sigkill_under_load_loses_and_duplicates_nothing() {
         let admin = format!("http://{admin_listen}");
         let http = client();
 
-        let mut served = Served::start(&config_path, &listen, &env).await;
+        // Runs alternate between the single-threaded runtime (which gathers each scheduler
+        // pass's records into one journal write) and the multi-threaded one (which writes
+        // each record as it is submitted); the first and third are killed single-threaded.
+        let runtime = |run: usize| -> &'static [&'static str] {
+            if run % 2 == 0 {
+                &["--worker-threads", "1"]
+            } else {
+                &[]
+            }
+        };
+        let mut served = Served::start_with(&config_path, &listen, &env, runtime(0)).await;
         admin_grant(&http, &admin, json!({"id": "topup-1", "amount": "7.5"})).await;
 
         let load = Load::start(&base, 8);
         // (ms from the run's first completed response to the kill, responses completed in
         // the run before the kill, ms from start to the first completed response).
         let mut kills = Vec::new();
-        for _ in 0..3 {
+        for run in 1..=3 {
             let (before, warm_up) = load.wait_serving().await;
             let ms = rand::rng().random_range(700..=1500);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             let completed = load.ok_count() - before;
             served.sigkill().await;
             kills.push((ms, completed, warm_up));
-            served = Served::start(&config_path, &listen, &env).await;
+            served = Served::start_with(&config_path, &listen, &env, runtime(run)).await;
         }
         // The last run under load, then a graceful stop.
         load.wait_serving().await;

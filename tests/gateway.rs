@@ -663,13 +663,15 @@ async fn credentials_never_reach_responses_or_journal() {
     assert!(!journal.contains("SECRET") && !journal.contains(ALICE));
 }
 
-/// An upstream speaking just enough HTTP/1.1 for one chat stream per connection: it reads
-/// the request, writes the response head and `first` (one HTTP chunk per event) in a single
-/// write, then the rest once `release` fires, again in one write.
-async fn burst_upstream(
-    first: Vec<String>,
-    rest: Vec<String>,
+/// An upstream speaking just enough HTTP/1.1 for one response on one connection: it reads
+/// the request, writes `first` (head and the start of the body) in a single write, then
+/// `rest` once `release` fires, again in one write; then it holds the connection until
+/// tollgate lets it go, or with `close` closes it at once.
+async fn raw_upstream(
+    first: String,
+    rest: String,
     release: tokio::sync::oneshot::Receiver<()>,
+    close: bool,
 ) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -697,24 +699,174 @@ async fn burst_upstream(
             }
             assert!(n > 0, "request cut short");
         }
-        let chunks = |events: &[String]| -> String {
-            events
-                .iter()
-                .map(|e| format!("{:x}\r\n{e}\r\n", e.len()))
-                .collect()
-        };
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-        conn.write_all(format!("{head}{}", chunks(&first)).as_bytes())
-            .await
-            .unwrap();
+        conn.write_all(first.as_bytes()).await.unwrap();
         let _ = release.await;
-        conn.write_all(format!("{}0\r\n\r\n", chunks(&rest)).as_bytes())
-            .await
-            .unwrap();
-        // Hold the connection until tollgate lets it go.
-        let _ = conn.read(&mut buf).await;
+        conn.write_all(rest.as_bytes()).await.unwrap();
+        if !close {
+            let _ = conn.read(&mut buf).await;
+        }
     });
     addr
+}
+
+/// [`raw_upstream`] for one chat stream: `first` and `rest` are its events, one HTTP chunk
+/// each.
+async fn burst_upstream(
+    first: Vec<String>,
+    rest: Vec<String>,
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> std::net::SocketAddr {
+    let chunks = |events: &[String]| -> String {
+        events
+            .iter()
+            .map(|e| format!("{:x}\r\n{e}\r\n", e.len()))
+            .collect()
+    };
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    raw_upstream(
+        format!("{head}{}", chunks(&first)),
+        format!("{}0\r\n\r\n", chunks(&rest)),
+        release,
+        false,
+    )
+    .await
+}
+
+/// A chat completion whose body the upstream sends in two parts; returns (upstream, the
+/// whole body, where the first part ends).
+async fn split_json_upstream(
+    release: tokio::sync::oneshot::Receiver<()>,
+    close_after_first: bool,
+) -> (std::net::SocketAddr, String, usize) {
+    let body = json!({"id": "c1", "object": "chat.completion", "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x ".repeat(400)},
+            "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 400, "total_tokens": 407}})
+    .to_string();
+    let cut = body.len() / 2;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = if close_after_first {
+        (format!("{head}{}", &body[..cut]), String::new())
+    } else {
+        (format!("{head}{}", &body[..cut]), body[cut..].to_string())
+    };
+    let upstream = raw_upstream(first, rest, release, close_after_first).await;
+    (upstream, body, cut)
+}
+
+/// Sends a non-streaming chat request over a raw connection; returns the reader after the
+/// response head, and the head.
+async fn raw_chat(
+    gateway: std::net::SocketAddr,
+) -> (tokio::io::BufReader<tokio::net::TcpStream>, String) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let body = chat("gpt-4o", 400, false).to_string();
+    let mut client = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    client
+        .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {ALICE}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(client);
+    let mut head = String::new();
+    loop {
+        let before = head.len();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            reader.read_line(&mut head),
+        )
+        .await
+        .expect("no response head")
+        .unwrap();
+        if &head[before..] == "\r\n" {
+            return (reader, head);
+        }
+    }
+}
+
+/// A non-streaming response is not held until the whole body arrived: the client has the
+/// head and the first part while the upstream holds back the rest; then the whole body, with
+/// the upstream's length, and the usage read from it.
+#[tokio::test]
+async fn a_json_body_arriving_in_parts_is_forwarded_as_it_comes_and_metered() {
+    use tokio::io::AsyncReadExt;
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (upstream, body, cut) = split_json_upstream(released, false).await;
+    let (gateway, journal, _dir) = gateway_for(upstream).await;
+    let (mut reader, head) = raw_chat(gateway.addr()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {}\r\n", body.len())),
+        "{head}"
+    );
+    let mut got = vec![0; cut];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reader.read_exact(&mut got),
+    )
+    .await
+    .expect("the first part was held back")
+    .unwrap();
+    release.send(()).unwrap();
+    reader.read_to_end(&mut got).await.unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), body);
+
+    let ledger = gateway.ledger();
+    assert!(
+        ledger
+            .wait_written(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    ledger.sync().await;
+    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (7, 400));
+    assert_eq!((r.status, r.outcome), (200, Outcome::Completed));
+    assert!(!r.estimated);
+}
+
+/// An upstream that closes in the middle of a non-streaming body: the client gets the part
+/// that came and then a broken connection (never a complete-looking response), and the call
+/// is recorded once, as a stream error, with estimated usage.
+#[tokio::test]
+async fn a_json_body_cut_short_upstream_breaks_the_response_and_is_recorded_once() {
+    use tokio::io::AsyncReadExt;
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (upstream, body, cut) = split_json_upstream(released, true).await;
+    release.send(()).unwrap();
+    let (gateway, journal, _dir) = gateway_for(upstream).await;
+    let (mut reader, head) = raw_chat(gateway.addr()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reader.read_to_end(&mut got),
+    )
+    .await
+    .expect("the response never ended");
+    assert_eq!(
+        got,
+        body.as_bytes()[..cut],
+        "shorter than its content-length"
+    );
+
+    let ledger = gateway.ledger();
+    assert!(
+        ledger
+            .wait_written(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    ledger.sync().await;
+    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].outcome, Outcome::StreamError);
+    assert!(records[0].estimated);
 }
 
 /// Reads one HTTP chunk of a chunked body (None at the last one).

@@ -75,7 +75,12 @@ pub struct Gateway {
 #[allow(clippy::large_enum_variant)]
 pub enum GatewayBody {
     Full(Full<Bytes>),
-    Metered(MeteredBody<PooledBody>),
+    /// A forwarded response, with the first frame when it was read before the head was
+    /// handed to the server (see [`Gateway::proxy`]).
+    Metered(
+        MeteredBody<PooledBody>,
+        Option<Result<Frame<Bytes>, hyper::Error>>,
+    ),
 }
 
 impl GatewayBody {
@@ -96,21 +101,36 @@ impl Body for GatewayBody {
             GatewayBody::Full(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
-            GatewayBody::Metered(b) => std::pin::Pin::new(b).poll_frame(cx),
+            GatewayBody::Metered(b, first) => match first.take() {
+                Some(frame) => std::task::Poll::Ready(Some(frame)),
+                None => std::pin::Pin::new(b).poll_frame(cx),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             GatewayBody::Full(b) => b.is_end_stream(),
-            GatewayBody::Metered(b) => b.is_end_stream(),
+            GatewayBody::Metered(b, first) => first.is_none() && b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             GatewayBody::Full(b) => b.size_hint(),
-            GatewayBody::Metered(b) => b.size_hint(),
+            GatewayBody::Metered(b, first) => {
+                let rest = b.size_hint();
+                let first = match first {
+                    Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+                    _ => return rest,
+                };
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + first);
+                }
+                hint.set_lower(rest.lower() + first);
+                hint
+            }
         }
     }
 }
@@ -270,9 +290,20 @@ impl Gateway {
         {
             head.headers.insert(HEADER_RECORD_ID, v);
         }
+        let mut body = MeteredBody::new(body, meter);
+        // A response that is not an event stream usually arrives whole with its head, and
+        // its last bytes wait for the usage record's journal write. Reading the first frame
+        // before handing the head to the server keeps head and body in one write to the
+        // client: were the head handed over first, the server would send it alone while the
+        // body waits for the journal.
+        let first = if is_event_stream {
+            None
+        } else {
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        };
         Ok(Response::from_parts(
             head,
-            GatewayBody::Metered(MeteredBody::new(body, meter)),
+            GatewayBody::Metered(body, first),
         ))
     }
 }
@@ -370,7 +401,8 @@ impl Gateway {
             "unit": record.unit,
         });
         let id = record.id;
-        self.ledger.submit(record);
+        // As for a metered call: the top-up first, and the answer only once the record is
+        // journaled (`journal.wait_for_write`).
         if let Some(grant) = settlement.topup {
             self.ledger.submit(crate::ledger::GrantEntry::new(
                 &policy.id,
@@ -379,6 +411,10 @@ impl Gateway {
                 crate::ledger::GrantSource::AutoTopUp,
                 now,
             ));
+        }
+        let written = self.ledger.submit_acked(record);
+        if snapshot.config.journal.wait_for_write {
+            let _ = written.await;
         }
         let mut response = Response::new(GatewayBody::full(Bytes::from(reply.to_string())));
         response.headers_mut().insert(
