@@ -1202,7 +1202,7 @@ fn validate_accounts(
         });
         let policy = AccountPolicy {
             id: Arc::from(a.id.as_str()),
-            unit,
+            unit: unit.into(),
             conversion,
             plan,
             seats: a.seats,

@@ -78,7 +78,7 @@ type TokenLabels = (Arc<str>, &'static str);
 pub struct Metrics {
     requests: DashMap<RequestLabels, AtomicU64>,
     tokens: DashMap<TokenLabels, AtomicU64>,
-    spend_nanos: DashMap<(Arc<str>, String), AtomicI64>,
+    spend_nanos: DashMap<(Arc<str>, Arc<str>), AtomicI64>,
     refusals: DashMap<RefusalReason, AtomicU64>,
     ttfb: DashMap<Arc<str>, Histogram>,
     total: DashMap<Arc<str>, Histogram>,

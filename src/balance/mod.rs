@@ -105,7 +105,7 @@ pub struct Slowdown {
 pub struct AccountPolicy {
     pub id: Arc<str>,
     /// `USD`, `credits`, … — the unit of every amount below.
-    pub unit: String,
+    pub unit: Arc<str>,
     pub conversion: Conversion,
     pub plan: Plan,
     pub seats: u32,
@@ -508,7 +508,7 @@ impl AccountState {
             cas_add_within(&self.committed, amount, |c| c + amount <= cap).map_err(|_| {
                 Refusal::HardCap {
                     cap: from_nanos(cap),
-                    unit: policy.unit.clone(),
+                    unit: policy.unit.to_string(),
                     resets_at: Utc
                         .timestamp_opt(self.period_end.load(Ordering::Acquire), 0)
                         .single()
@@ -536,7 +536,7 @@ impl AccountState {
                 return Err(Refusal::InsufficientBalance {
                     balance: from_nanos(available.max(0)),
                     needed: from_nanos(amount),
-                    unit: policy.unit.clone(),
+                    unit: policy.unit.to_string(),
                 });
             }
             wallet_reserved = amount;
@@ -580,7 +580,7 @@ impl AccountState {
         let ts = |s: i64| Utc.timestamp_opt(s, 0).single().unwrap_or_default();
         AccountView {
             account: self.id.to_string(),
-            unit: policy.unit.clone(),
+            unit: policy.unit.to_string(),
             balance: from_nanos(self.balance.load(Ordering::Acquire)),
             available: from_nanos(self.available.load(Ordering::Acquire)),
             overdraft: from_nanos(self.overdraft.load(Ordering::Acquire)),

@@ -135,7 +135,7 @@ pub struct UsageRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rated_cost: Option<rust_decimal::Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
+    pub unit: Option<Arc<str>>,
     /// For reported outcomes: the outcome's name (`ticket_resolved`) and count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<String>,
@@ -307,11 +307,11 @@ impl UsageRecord {
         out.extend_from_slice(num.format(self.upstream_total_us).as_bytes());
         let d = &self.dimensions;
         for (name, value) in [
-            (&br#","feature":"#[..], &d.feature),
-            (br#","workflow":"#, &d.workflow),
-            (br#","end_user":"#, &d.end_user),
-            (br#","unit":"#, &self.unit),
-            (br#","metric":"#, &self.metric),
+            (&br#","feature":"#[..], d.feature.as_deref()),
+            (br#","workflow":"#, d.workflow.as_deref()),
+            (br#","end_user":"#, d.end_user.as_deref()),
+            (br#","unit":"#, self.unit.as_deref()),
+            (br#","metric":"#, self.metric.as_deref()),
         ] {
             if let Some(v) = value {
                 out.extend_from_slice(name);
@@ -905,7 +905,7 @@ mod tests {
                 },
                 cost: present[0].then(|| rust_decimal::Decimal::new(cost.0, cost.1)),
                 rated_cost: present[1].then(|| rust_decimal::Decimal::new(-cost.0 / 3, cost.1)),
-                unit: pick(1),
+                unit: pick(1).map(Arc::from),
                 metric: pick(0),
                 quantity: present[2].then_some(numbers[7]),
             };

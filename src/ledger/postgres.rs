@@ -511,7 +511,7 @@ impl UsageColumns {
         self.end_user.push(r.dimensions.end_user.clone());
         self.cost.push(r.cost.map(|d| d.to_string()));
         self.rated_cost.push(r.rated_cost.map(|d| d.to_string()));
-        self.unit.push(r.unit.clone());
+        self.unit.push(r.unit.as_deref().map(str::to_string));
         self.metric.push(r.metric.clone());
         self.quantity.push(r.quantity.map(bigint));
     }

@@ -206,7 +206,7 @@ impl AlertRoute {
                 kind,
                 policy.id.to_string(),
                 from_nanos(value).to_string(),
-                policy.unit.clone(),
+                policy.unit.to_string(),
                 message,
             );
             event.key_id = Some(self.key_id.to_string());

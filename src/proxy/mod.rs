@@ -38,6 +38,11 @@ pub const HEADER_FEATURE: &str = "x-tollgate-feature";
 pub const HEADER_WORKFLOW: &str = "x-tollgate-workflow";
 /// Request header naming the application's end user (breakdown dimension).
 pub const HEADER_END_USER: &str = "x-tollgate-end-user";
+const RECORD_ID: HeaderName = HeaderName::from_static(HEADER_RECORD_ID);
+/// Prefix of the request headers tollgate reads and never forwards.
+const TOLLGATE_HEADER_PREFIX: &str = "x-tollgate-";
+/// Anthropic's API-key header.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Response header carrying the id of the usage record the call produced.
 pub const HEADER_RECORD_ID: &str = "x-tollgate-record-id";
 /// Longest dimension value kept; longer values are cut (on a character boundary).
@@ -285,10 +290,8 @@ impl Gateway {
         if rewrites_length {
             head.headers.remove(header::CONTENT_LENGTH);
         }
-        if let Some(id) = meter.record_id()
-            && let Ok(v) = HeaderValue::from_str(&id.to_string())
-        {
-            head.headers.insert(HEADER_RECORD_ID, v);
+        if let Some(id) = meter.record_id() {
+            insert_record_id(&mut head.headers, id);
         }
         let mut body = MeteredBody::new(body, meter);
         // A response that is not an event stream usually arrives whole with its head, and
@@ -421,9 +424,7 @@ impl Gateway {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-            response.headers_mut().insert(HEADER_RECORD_ID, v);
-        }
+        insert_record_id(response.headers_mut(), id);
         Ok(response)
     }
 
@@ -643,13 +644,15 @@ fn authenticate(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let x_api_key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+    let x_api_key = || {
+        headers
+            .get(X_API_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     let presented = match dialect {
-        Dialect::Anthropic => x_api_key.or(bearer),
-        Dialect::OpenAi => bearer.or(x_api_key),
+        Dialect::Anthropic => x_api_key().or(bearer),
+        Dialect::OpenAi => bearer.or_else(x_api_key),
     }
     .filter(|k| !k.is_empty())
     .ok_or(GatewayError::MissingKey)?;
@@ -727,21 +730,44 @@ fn is_forwardable(name: &HeaderName) -> bool {
         || name == header::HOST
         || name == header::CONTENT_LENGTH
         || name == header::AUTHORIZATION
-        || name == "x-api-key"
-        || name.as_str().starts_with("x-tollgate-"))
+        || name == X_API_KEY
+        || name.as_str().starts_with(TOLLGATE_HEADER_PREFIX))
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+/// Puts the record id header on a response (formatted without a `String` on the way).
+fn insert_record_id(headers: &mut HeaderMap, id: uuid::Uuid) {
+    let mut buf = uuid::Uuid::encode_buffer();
+    if let Ok(v) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf)) {
+        headers.insert(RECORD_ID, v);
     }
 }
 
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few headers a response has, rather than a lookup per name.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The breakdown dimensions the request names (the first of each header), in one pass over
+/// its headers.
 fn dimensions(headers: &HeaderMap) -> Dimensions {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+    let mut dims = Dimensions::default();
+    for (name, value) in headers {
+        let slot = match name.as_str() {
+            HEADER_FEATURE => &mut dims.feature,
+            HEADER_WORKFLOW => &mut dims.workflow,
+            HEADER_END_USER => &mut dims.end_user,
+            _ => continue,
+        };
+        if slot.is_some() {
+            continue;
+        }
+        *slot = value
+            .to_str()
+            .ok()
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .map(|v| {
@@ -750,11 +776,7 @@ fn dimensions(headers: &HeaderMap) -> Dimensions {
                     end -= 1;
                 }
                 v[..end].to_string()
-            })
-    };
-    Dimensions {
-        feature: get(HEADER_FEATURE),
-        workflow: get(HEADER_WORKFLOW),
-        end_user: get(HEADER_END_USER),
+            });
     }
+    dims
 }
