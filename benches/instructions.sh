@@ -47,8 +47,15 @@ callgrind_control -i on "$VG" >/dev/null
 send "$N"
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
-sleep 1
-DUMP="$(ls -t "$OUT"* | head -1)"
+# The dump is written in the background: read it only once it is complete (its last line is
+# `totals:`), or the count comes out short.
+DUMP=""
+for _ in $(seq 1 100); do
+  DUMP="$(ls -t "$OUT"* 2>/dev/null | head -1)"
+  [ -n "$DUMP" ] && grep -q '^totals:' "$DUMP" && break
+  sleep 0.2
+done
+grep -q '^totals:' "$DUMP" || { echo "callgrind dump incomplete: $DUMP" >&2; exit 1; }
 TOTAL="$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')"
 echo "requests: $N (stream=$STREAM)"
 echo "instructions: $TOTAL total, $(( TOTAL / N )) per request"

@@ -19,6 +19,38 @@ struct WireUsage {
 }
 
 impl WireUsage {
+    /// What `serde_json::from_slice::<Option<WireUsage>>(raw)` gives (`None` where serde
+    /// fails), read by [`super::json::read_fields`] (see the OpenAI dialect's).
+    fn read(raw: &[u8]) -> Option<Option<WireUsage>> {
+        const FIELDS: [&[u8]; 4] = [
+            b"input_tokens",
+            b"output_tokens",
+            b"cache_creation_input_tokens",
+            b"cache_read_input_tokens",
+        ];
+        if raw == b"null" {
+            return Some(None);
+        }
+        let mut counts = [None; 4];
+        super::json::read_fields(raw, &FIELDS, |i, value| {
+            super::json::optional_count(value)
+                .map(|n| counts[i] = n)
+                .is_some()
+        })?;
+        let [
+            input_tokens,
+            output_tokens,
+            cache_creation_input_tokens,
+            cache_read_input_tokens,
+        ] = counts;
+        Some(Some(WireUsage {
+            input_tokens,
+            output_tokens,
+            cache_creation_input_tokens,
+            cache_read_input_tokens,
+        }))
+    }
+
     fn input(&self) -> Option<(u64, u64, u64)> {
         let base = self.input_tokens?;
         let read = self.cache_read_input_tokens.unwrap_or(0);
@@ -50,9 +82,8 @@ struct MessageStart {
 
 /// Usage from a complete non-streaming response body.
 pub fn usage_from_body(body: &[u8]) -> Option<TokenUsage> {
-    // Only the `usage` member is parsed; the rest (mostly generated text) is skipped.
-    let usage: Option<WireUsage> =
-        serde_json::from_slice(super::json::top_level_member(body, b"usage")?).ok()?;
+    // Only the `usage` member is read; the rest (mostly generated text) is skipped.
+    let usage = WireUsage::read(super::json::top_level_member(body, b"usage")?)?;
     usage.map(|u| u.normalise())
 }
 
@@ -204,5 +235,17 @@ mod tests {
         assert!(s.output_known);
         assert_eq!(s.usage.output_tokens, 12);
         assert!(observe_event("error", br#"{"type":"error"}"#, &mut s).error);
+    }
+    proptest::proptest! {
+        /// The usage reader agrees with serde on usage-like objects: the same counts, and
+        /// failing where serde fails (wrong types, duplicates, numbers out of range).
+        #[test]
+        fn usage_is_read_as_serde_reads_it(raw in super::super::json::tests::usage_like(&["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "service_tier"])) {
+            let ours = WireUsage::read(raw.as_bytes()).map(|u| u.map(|u| u.normalise()));
+            let serde = serde_json::from_str::<Option<WireUsage>>(&raw)
+                .ok()
+                .map(|u| u.map(|u| u.normalise()));
+            proptest::prop_assert_eq!(ours, serde, "{}", raw);
+        }
     }
 }

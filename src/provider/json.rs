@@ -10,12 +10,26 @@
 /// once (serde refuses duplicate fields too). Keys are compared as written, so a key spelt
 /// with escapes does not match.
 pub fn top_level_member<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut found = None;
+    let mut duplicate = false;
+    for_each_member(body, |name, value| {
+        if name == key {
+            duplicate |= found.is_some();
+            found = Some(value);
+        }
+    })?;
+    if duplicate { None } else { found }
+}
+
+/// Calls `f(name, raw value)` for each member of the JSON object `body`, in order (names as
+/// written, without their quotes). `None` when `body` is not an object whose members can be
+/// delimited; values are delimited, not validated.
+pub fn for_each_member<'a>(body: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
         return None;
     }
     i = skip_ws(body, i + 1);
-    let mut found = None;
     if body.get(i) == Some(&b'}') {
         i += 1;
     } else {
@@ -31,12 +45,7 @@ pub fn top_level_member<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             }
             i = skip_ws(body, i + 1);
             let value_end = skip_value(body, i)?;
-            if name == key {
-                if found.is_some() {
-                    return None;
-                }
-                found = Some(&body[i..value_end]);
-            }
+            f(name, &body[i..value_end]);
             i = skip_ws(body, value_end);
             match body.get(i) {
                 Some(b',') => i = skip_ws(body, i + 1),
@@ -48,10 +57,44 @@ pub fn top_level_member<'a>(body: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             }
         }
     }
-    if skip_ws(body, i) != body.len() {
+    (skip_ws(body, i) == body.len()).then_some(())
+}
+
+/// A raw value read as serde reads an `Option<u64>`: `Some(None)` for `null`, `Some(n)` for
+/// a non-negative integer that fits, `None` (an error) for anything else.
+pub fn optional_count(value: &[u8]) -> Option<Option<u64>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    // JSON integers: no sign, no leading zero, no fraction or exponent.
+    let digits_only = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+    if !digits_only || (value.len() > 1 && value[0] == b'0') {
         return None;
     }
-    found
+    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+}
+
+/// Reads the JSON object `body` as a serde-derived struct with the fields `fields` would:
+/// `read(index, raw value)` takes each member named in `fields` and returns whether its value
+/// is acceptable; other members are skipped. `None` (an error) when `body` is not an object,
+/// a value is refused, or a field appears twice. Names are compared as written (a field name
+/// spelt with escapes counts as unknown). At most 64 fields.
+pub fn read_fields<'a>(
+    body: &'a [u8],
+    fields: &[&[u8]],
+    mut read: impl FnMut(usize, &'a [u8]) -> bool,
+) -> Option<()> {
+    let mut seen = 0u64;
+    let mut ok = true;
+    for_each_member(body, |name, value| {
+        if let Some(i) = fields.iter().position(|f| *f == name)
+            && ok
+        {
+            ok = seen & (1 << i) == 0 && read(i, value);
+            seen |= 1 << i;
+        }
+    })?;
+    ok.then_some(())
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -110,7 +153,7 @@ fn skip_value(b: &[u8], start: usize) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -163,6 +206,62 @@ mod tests {
                     .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// JSON text of objects like a provider's `usage`: members named from `names` (repeats
+    /// possible) with counts, nulls, values of the wrong type or shape, and nested objects
+    /// of the same kind; spacing varies.
+    pub(crate) fn usage_like(names: &'static [&'static str]) -> impl Strategy<Value = String> {
+        let scalar = prop_oneof![
+            4 => any::<u64>().prop_map(|n| n.to_string()),
+            2 => (0u64..100).prop_map(|n| n.to_string()),
+            1 => Just("null".to_string()),
+            1 => Just("-3".to_string()),
+            1 => Just("1.5".to_string()),
+            1 => Just("2e3".to_string()),
+            1 => Just("18446744073709551616".to_string()),
+            1 => Just("true".to_string()),
+            1 => Just("\"7\"".to_string()),
+            1 => Just("[1, {\"a\": \"}\"}]".to_string()),
+        ];
+        let value = scalar.prop_recursive(2, 16, 6, move |inner| {
+            proptest::collection::vec((proptest::sample::select(names), inner), 0..6)
+                .prop_map(|members| object(&members, " "))
+        });
+        (
+            proptest::collection::vec((proptest::sample::select(names), value), 0..9),
+            prop_oneof![Just(""), Just(" "), Just("\n  ")],
+        )
+            .prop_map(|(members, space)| object(&members, space))
+    }
+
+    fn object(members: &[(&str, String)], space: &str) -> String {
+        let inner: Vec<String> = members
+            .iter()
+            .map(|(name, value)| format!("{space}\"{name}\"{space}:{space}{value}"))
+            .collect();
+        format!("{{{}{space}}}", inner.join(","))
+    }
+
+    #[test]
+    fn counts_are_read_as_serde_reads_option_u64() {
+        for (raw, expected) in [
+            ("0", Some(Some(0))),
+            ("42", Some(Some(42))),
+            ("18446744073709551615", Some(Some(u64::MAX))),
+            ("null", Some(None)),
+            ("18446744073709551616", None),
+            ("012", None),
+            ("-1", None),
+            ("1.0", None),
+            ("1e2", None),
+            ("\"1\"", None),
+            ("", None),
+        ] {
+            assert_eq!(optional_count(raw.as_bytes()), expected, "{raw}");
+            let serde = serde_json::from_str::<Option<u64>>(raw).ok();
+            assert_eq!(serde, expected, "serde on {raw}");
+        }
     }
 
     proptest! {

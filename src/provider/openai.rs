@@ -33,7 +33,78 @@ struct WireDetails {
     reasoning_tokens: Option<u64>,
 }
 
+impl WireDetails {
+    /// As serde reads an `Option<WireDetails>` (see [`WireUsage::read`]).
+    fn read(raw: &[u8]) -> Option<Option<WireDetails>> {
+        if raw == b"null" {
+            return Some(None);
+        }
+        let mut counts = [None; 2];
+        super::json::read_fields(raw, &[b"cached_tokens", b"reasoning_tokens"], |i, value| {
+            super::json::optional_count(value)
+                .map(|n| counts[i] = n)
+                .is_some()
+        })?;
+        let [cached_tokens, reasoning_tokens] = counts;
+        Some(Some(WireDetails {
+            cached_tokens,
+            reasoning_tokens,
+        }))
+    }
+}
+
 impl WireUsage {
+    /// What `serde_json::from_slice::<Option<WireUsage>>(raw)` gives (`None` where serde
+    /// fails), read by [`super::json::read_fields`] instead: on every non-streaming response,
+    /// serde's generic walk over the usage object cost as much as finding it.
+    fn read(raw: &[u8]) -> Option<Option<WireUsage>> {
+        const FIELDS: [&[u8]; 8] = [
+            b"prompt_tokens",
+            b"completion_tokens",
+            b"input_tokens",
+            b"output_tokens",
+            b"prompt_tokens_details",
+            b"completion_tokens_details",
+            b"input_tokens_details",
+            b"output_tokens_details",
+        ];
+        if raw == b"null" {
+            return Some(None);
+        }
+        let mut counts = [None; 4];
+        let mut details: [Option<WireDetails>; 4] = Default::default();
+        super::json::read_fields(raw, &FIELDS, |i, value| match i {
+            0..4 => super::json::optional_count(value)
+                .map(|n| counts[i] = n)
+                .is_some(),
+            _ => WireDetails::read(value)
+                .map(|d| details[i - 4] = d)
+                .is_some(),
+        })?;
+        let [
+            prompt_tokens,
+            completion_tokens,
+            input_tokens,
+            output_tokens,
+        ] = counts;
+        let [
+            prompt_tokens_details,
+            completion_tokens_details,
+            input_tokens_details,
+            output_tokens_details,
+        ] = details;
+        Some(Some(WireUsage {
+            prompt_tokens,
+            completion_tokens,
+            input_tokens,
+            output_tokens,
+            prompt_tokens_details,
+            completion_tokens_details,
+            input_tokens_details,
+            output_tokens_details,
+        }))
+    }
+
     fn normalise(&self) -> TokenUsage {
         let cached = self
             .prompt_tokens_details
@@ -81,9 +152,8 @@ struct MaybeError {
 
 /// Usage from a complete non-streaming response body.
 pub fn usage_from_body(body: &[u8]) -> Option<TokenUsage> {
-    // Only the `usage` member is parsed; the rest (mostly generated text) is skipped.
-    let usage: Option<WireUsage> =
-        serde_json::from_slice(super::json::top_level_member(body, b"usage")?).ok()?;
+    // Only the `usage` member is read; the rest (mostly generated text) is skipped.
+    let usage = WireUsage::read(super::json::top_level_member(body, b"usage")?)?;
     usage.map(|u| u.normalise())
 }
 
@@ -554,6 +624,18 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(chunk).unwrap();
             delivered_text_of_value(Endpoint::ChatCompletions, "", &v, &mut generic);
             assert_eq!(fast, generic, "{}", String::from_utf8_lossy(chunk));
+        }
+    }
+    proptest::proptest! {
+        /// The usage reader agrees with serde on usage-like objects: the same counts, and
+        /// failing where serde fails (wrong types, duplicates, numbers out of range).
+        #[test]
+        fn usage_is_read_as_serde_reads_it(raw in super::super::json::tests::usage_like(&["prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "prompt_tokens_details", "completion_tokens_details", "input_tokens_details", "output_tokens_details", "cached_tokens", "reasoning_tokens", "total_tokens"])) {
+            let ours = WireUsage::read(raw.as_bytes()).map(|u| u.map(|u| u.normalise()));
+            let serde = serde_json::from_str::<Option<WireUsage>>(&raw)
+                .ok()
+                .map(|u| u.map(|u| u.normalise()));
+            proptest::prop_assert_eq!(ours, serde, "{}", raw);
         }
     }
 }
