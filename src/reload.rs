@@ -370,6 +370,57 @@ impl Reloader {
     }
 }
 
+/// What says a file's content may have changed without reading it: the file the path
+/// resolves to (a swapped symlink changes it), its size, and its modification and change
+/// times (every write moves the change time, which no tool can set back). File times tick
+/// coarsely (a few ms), so two writes close together can leave the same stamp: a stamp is
+/// only trusted once it is [`FileStamp::SETTLE`] old.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    const SETTLE: Duration = Duration::from_secs(1);
+
+    /// Whether the file was last changed long enough ago that a later write must show.
+    fn settled(&self) -> bool {
+        let changed = std::time::UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(self.ctime.0).unwrap_or(0),
+                u32::try_from(self.ctime.1).unwrap_or(0),
+            );
+        changed
+            .elapsed()
+            .is_ok_and(|since| since >= FileStamp::SETTLE)
+    }
+
+    /// `None` when the file cannot be examined (or not on Unix): then it is always read.
+    fn of(path: &Path) -> Option<FileStamp> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(path).ok()?;
+            Some(FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
+    }
+}
+
 /// Watches the config file and reloads on change. Keep the returned watcher alive.
 pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
@@ -389,7 +440,11 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
         }
     })?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let file = path.to_path_buf();
     tokio::spawn(async move {
+        // The file as it was when last read: events that leave it as it was (a log or a
+        // journal written beside it) cost a `stat`, not a read and a digest of the whole file.
+        let mut last_read = None;
         while rx.recv().await.is_some() {
             // Debounce: wait until events stop for a moment (editors write in bursts).
             loop {
@@ -399,6 +454,11 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
                     Err(_) => break,
                 }
             }
+            let seen = FileStamp::of(&file);
+            if seen.is_some_and(|s| s.settled()) && seen == last_read {
+                continue;
+            }
+            last_read = seen;
             // An editor may still be writing (truncate, then write): reload only once the
             // content holds still across a short pause, so a half-written file is not
             // mistaken for an invalid config.
@@ -417,4 +477,48 @@ pub fn watch(reloader: Arc<Reloader>, path: &Path) -> notify::Result<notify::Rec
         }
     });
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_stamp_changes_with_the_file_and_not_with_its_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(&config, "a = 1\n").unwrap();
+        let first = FileStamp::of(&config).unwrap();
+        assert!(!first.settled(), "just written");
+        // A log beside the config: same stamp.
+        std::fs::write(dir.path().join("tollgate.log"), "line\n").unwrap();
+        assert_eq!(FileStamp::of(&config), Some(first));
+        // Rewritten with the same size, after the clock ticked: a new stamp.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&config, "a = 2\n").unwrap();
+        let rewritten = FileStamp::of(&config).unwrap();
+        assert_ne!(rewritten, first);
+        // A symlink swapped to another file (as Kubernetes does): a new stamp.
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "a = 2\n").unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&config, &link).unwrap();
+        let before = FileStamp::of(&link).unwrap();
+        let tmp = dir.path().join("link.tmp");
+        std::os::unix::fs::symlink(&other, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+        assert_ne!(FileStamp::of(&link).unwrap(), before);
+        assert_eq!(FileStamp::of(&dir.path().join("missing")), None);
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_only_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(&config, "a = 1\n").unwrap();
+        let mut stamp = FileStamp::of(&config).unwrap();
+        assert!(!stamp.settled());
+        stamp.ctime.0 -= 2;
+        assert!(stamp.settled());
+    }
 }
