@@ -43,6 +43,9 @@ send() {
     -d "$BODY" "http://$ADDR/v1/chat/completions" | grep -E '^\s+\[[0-9]+\]'
 }
 send 200 >/dev/null
+# The config watcher reads and digests the (1 MB) config once at the first event in its
+# directory (the log above); let that happen before counting.
+sleep 2
 callgrind_control -i on "$VG" >/dev/null
 send "$N"
 callgrind_control -i off "$VG" >/dev/null
