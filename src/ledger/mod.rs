@@ -324,8 +324,7 @@ impl UsageRecord {
         ] {
             if let Some(v) = value {
                 out.extend_from_slice(name);
-                // `Display` of a decimal is digits, sign and point: nothing to escape.
-                let _ = std::io::Write::write_fmt(out, format_args!("{v}"));
+                write_decimal(out, *v);
                 out.push(b'"');
             }
         }
@@ -334,6 +333,29 @@ impl UsageRecord {
             out.extend_from_slice(num.format(q).as_bytes());
         }
         out.push(b'}');
+    }
+}
+
+/// Writes `d` as its `Display` does (sign, digits, point, every digit of the scale), without
+/// the formatting machinery.
+fn write_decimal(out: &mut Vec<u8>, d: rust_decimal::Decimal) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(d.mantissa().unsigned_abs()).as_bytes();
+    let scale = d.scale() as usize;
+    if d.is_sign_negative() {
+        out.push(b'-');
+    }
+    if scale == 0 {
+        out.extend_from_slice(digits);
+    } else if digits.len() > scale {
+        let (whole, fraction) = digits.split_at(digits.len() - scale);
+        out.extend_from_slice(whole);
+        out.push(b'.');
+        out.extend_from_slice(fraction);
+    } else {
+        out.extend_from_slice(b"0.");
+        out.resize(out.len() + scale - digits.len(), b'0');
+        out.extend_from_slice(digits);
     }
 }
 
@@ -916,6 +938,32 @@ mod tests {
             proptest::prop_assert_eq!(ours, serde_json::to_value(&entry).unwrap());
             let back: LedgerEntry = serde_json::from_slice(&written).unwrap();
             proptest::prop_assert_eq!(back, entry);
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_as_display_writes_them() {
+        use rust_decimal::Decimal;
+        let mut cases = vec![
+            Decimal::ZERO,
+            Decimal::new(0, 5),
+            Decimal::new(-0, 3),
+            Decimal::new(5, 0),
+            Decimal::new(-5, 4),
+            Decimal::new(123_456, 2),
+            Decimal::new(123_456, 6),
+            Decimal::new(123_456, 9),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::new(1, 28),
+        ];
+        let mut negative_zero = Decimal::new(0, 2);
+        negative_zero.set_sign_negative(true);
+        cases.push(negative_zero);
+        for d in cases {
+            let mut out = Vec::new();
+            write_decimal(&mut out, d);
+            assert_eq!(String::from_utf8(out).unwrap(), d.to_string());
         }
     }
 
