@@ -100,8 +100,9 @@ fn add<K: std::hash::Hash + Eq + Clone>(map: &DashMap<K, AtomicU64>, key: &K, n:
 
 impl Metrics {
     /// Counts one journaled request. `price_label` names the price-book entry that priced it
-    /// (or `unpriced`).
-    pub fn observe(&self, record: &UsageRecord, price_label: &Arc<str>) {
+    /// (or `unpriced`); `charge_nanos` is what it cost, in nano-units of `record.unit` (the
+    /// settlement's figure, which `record.cost` renders).
+    pub fn observe(&self, record: &UsageRecord, price_label: &Arc<str>, charge_nanos: i64) {
         add(
             &self.requests,
             &(
@@ -123,20 +124,19 @@ impl Metrics {
                 add(&self.tokens, &(price_label.clone(), kind), n);
             }
         }
-        if let (Some(cost), Some(unit)) = (record.cost, &record.unit)
-            && let Ok(nanos) = crate::pricing::to_nanos(cost)
-            && nanos != 0
+        if let Some(unit) = &record.unit
+            && charge_nanos != 0
         {
             let key = (price_label.clone(), unit.clone());
             match self.spend_nanos.get(&key) {
                 Some(c) => {
-                    c.fetch_add(nanos, Ordering::Relaxed);
+                    c.fetch_add(charge_nanos, Ordering::Relaxed);
                 }
                 None => {
                     self.spend_nanos
                         .entry(key)
                         .or_default()
-                        .fetch_add(nanos, Ordering::Relaxed);
+                        .fetch_add(charge_nanos, Ordering::Relaxed);
                 }
             }
         }

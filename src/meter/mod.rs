@@ -114,7 +114,7 @@ impl Billing {
             .price
             .as_ref()
             .map_or_else(unpriced_label, |p| p.label.clone());
-        self.metrics.observe(record, &label);
+        self.metrics.observe(record, &label, settlement.charge);
         if let Some(route) = &self.alerts {
             route.announce(&self.policy, &self.account, settlement.crossings);
         }

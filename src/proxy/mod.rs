@@ -394,6 +394,7 @@ impl Gateway {
         self.metrics.observe(
             &record,
             &Arc::from(format!("outcome:{}", report.outcome).as_str()),
+            settlement.charge,
         );
         let reply = serde_json::json!({
             "id": record.id,
