@@ -815,16 +815,7 @@ async fn a_json_body_arriving_in_parts_is_forwarded_as_it_comes_and_metered() {
     reader.read_to_end(&mut got).await.unwrap();
     assert_eq!(String::from_utf8(got).unwrap(), body);
 
-    let ledger = gateway.ledger();
-    assert!(
-        ledger
-            .wait_written(1, std::time::Duration::from_secs(10))
-            .await
-    );
-    ledger.sync().await;
-    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
-    assert_eq!(records.len(), 1);
-    let r = &records[0];
+    let r = only_record(&gateway, &journal).await;
     assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (7, 400));
     assert_eq!((r.status, r.outcome), (200, Outcome::Completed));
     assert!(!r.estimated);
@@ -855,18 +846,9 @@ async fn a_json_body_cut_short_upstream_breaks_the_response_and_is_recorded_once
         "shorter than its content-length"
     );
 
-    let ledger = gateway.ledger();
-    assert!(
-        ledger
-            .wait_written(1, std::time::Duration::from_secs(10))
-            .await
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    ledger.sync().await;
-    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
-    assert_eq!(records.len(), 1, "{records:#?}");
-    assert_eq!(records[0].outcome, Outcome::StreamError);
-    assert!(records[0].estimated);
+    let r = only_record(&gateway, &journal).await;
+    assert_eq!(r.outcome, Outcome::StreamError);
+    assert!(r.estimated);
 }
 
 /// Reads one HTTP chunk of a chunked body (None at the last one).
@@ -951,23 +933,9 @@ async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
         "30 + 22 waiting events took {first_chunks} + {rest_chunks} writes"
     );
 
-    let ledger = gateway.ledger();
-    assert!(
-        ledger
-            .wait_written(1, std::time::Duration::from_secs(10))
-            .await
-    );
-    ledger.sync().await;
-    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
-    assert_eq!(records.len(), 1);
-    assert_eq!(
-        (
-            records[0].usage.input_tokens,
-            records[0].usage.output_tokens
-        ),
-        (9, 50)
-    );
-    assert!(records[0].streamed && !records[0].estimated);
+    let r = only_record(&gateway, &journal).await;
+    assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (9, 50));
+    assert!(r.streamed && !r.estimated);
 }
 
 /// Sequential requests share one pooled HTTP/1.1 connection to the upstream, streams and

@@ -109,6 +109,21 @@ pub async fn gateway_for(
     (gateway, journal, dir)
 }
 
+/// The one usage record `gateway` journaled (in `journal`), once written; fails if there is
+/// none or, a little later, more than one.
+pub async fn only_record(gateway: &RunningGateway, journal: &std::path::Path) -> UsageRecord {
+    let ledger = gateway.ledger();
+    assert!(
+        ledger.wait_written(1, Duration::from_secs(10)).await,
+        "no record"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ledger.sync().await;
+    let mut records = tollgate::ledger::journal::read_all(journal).unwrap();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    records.remove(0)
+}
+
 impl Harness {
     pub async fn start() -> Harness {
         Self::start_with("", "").await
