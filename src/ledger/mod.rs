@@ -627,7 +627,13 @@ impl Ledger {
                 return;
             }
         }
-        self.append_now(vec![entry], vec![ack]);
+        if self.try_append(std::slice::from_ref(&entry)) {
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+            return;
+        }
+        self.queue(entry, ack);
     }
 
     /// Appends the entries gathered in this scheduler pass.
@@ -647,12 +653,19 @@ impl Ledger {
             }
             return;
         }
+        // Counted as queued all at once, so nothing appended inline slips in between them.
         self.shared
             .queued
             .fetch_add(entries.len() as u64, Ordering::AcqRel);
         for (entry, ack) in entries.into_iter().zip(acks) {
             self.send(Message::Record(Box::new(entry), ack));
         }
+    }
+
+    /// Hands `entry` to the writer thread, behind everything it holds.
+    fn queue(&self, entry: LedgerEntry, ack: Option<oneshot::Sender<()>>) {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.send(Message::Record(Box::new(entry), ack));
     }
 
     /// Appends `entries` on the calling thread when that keeps the journal's order and needs
