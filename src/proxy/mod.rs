@@ -38,13 +38,13 @@ pub const HEADER_FEATURE: &str = "x-tollgate-feature";
 pub const HEADER_WORKFLOW: &str = "x-tollgate-workflow";
 /// Request header naming the application's end user (breakdown dimension).
 pub const HEADER_END_USER: &str = "x-tollgate-end-user";
-const RECORD_ID: HeaderName = HeaderName::from_static(HEADER_RECORD_ID);
 /// Prefix of the request headers tollgate reads and never forwards.
 const TOLLGATE_HEADER_PREFIX: &str = "x-tollgate-";
 /// Anthropic's API-key header.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Response header carrying the id of the usage record the call produced.
 pub const HEADER_RECORD_ID: &str = "x-tollgate-record-id";
+const RECORD_ID: HeaderName = HeaderName::from_static(HEADER_RECORD_ID);
 /// Longest dimension value kept; longer values are cut (on a character boundary).
 const MAX_DIMENSION_BYTES: usize = 256;
 
