@@ -257,11 +257,7 @@ impl UsageRecord {
         out.extend_from_slice(br#"{"type":"usage","id":""#);
         out.extend_from_slice(self.id.hyphenated().encode_lower(&mut uuid).as_bytes());
         out.extend_from_slice(br#"","timestamp":""#);
-        out.extend_from_slice(
-            self.timestamp
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-                .as_bytes(),
-        );
+        write_timestamp(out, self.timestamp);
         out.extend_from_slice(br#"","key_id":"#);
         json_str(out, &self.key_id);
         out.extend_from_slice(br#","account":"#);
@@ -334,6 +330,55 @@ impl UsageRecord {
         }
         out.push(b'}');
     }
+}
+
+/// Writes `t` as `to_rfc3339_opts(SecondsFormat::AutoSi, true)` does (what serde writes),
+/// without building a `String`: `YYYY-MM-DDTHH:MM:SS`, then 3, 6 or 9 digits of fraction as
+/// the nanoseconds need, then `Z`. Years outside 0..=9999 and leap seconds go to chrono.
+fn write_timestamp(out: &mut Vec<u8>, t: DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let nanos = t.nanosecond();
+    let year = t.year();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        out.extend_from_slice(
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .as_bytes(),
+        );
+        return;
+    }
+    fn digits(out: &mut Vec<u8>, mut n: u32, width: usize) {
+        let mut buf = [b'0'; 9];
+        for d in buf[..width].iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        out.extend_from_slice(&buf[..width]);
+    }
+    digits(out, year.unsigned_abs(), 4);
+    out.push(b'-');
+    digits(out, t.month(), 2);
+    out.push(b'-');
+    digits(out, t.day(), 2);
+    out.push(b'T');
+    digits(out, t.hour(), 2);
+    out.push(b':');
+    digits(out, t.minute(), 2);
+    out.push(b':');
+    digits(out, t.second(), 2);
+    let (fraction, width) = if nanos == 0 {
+        (0, 0)
+    } else if nanos % 1_000_000 == 0 {
+        (nanos / 1_000_000, 3)
+    } else if nanos % 1_000 == 0 {
+        (nanos / 1_000, 6)
+    } else {
+        (nanos, 9)
+    };
+    if width > 0 {
+        out.push(b'.');
+        digits(out, fraction, width);
+    }
+    out.push(b'Z');
 }
 
 /// Writes `d` as its `Display` does (sign, digits, point, every digit of the scale), without
@@ -909,7 +954,12 @@ mod tests {
             numbers in proptest::collection::vec(proptest::num::u64::ANY, 8),
             cost in (proptest::num::i64::ANY, 0u32..12),
             status in proptest::num::u16::ANY,
-            at_nanos in 0i64..4_000_000_000_000_000_000,
+            at_nanos in proptest::prop_oneof![
+                proptest::num::i64::ANY,
+                proptest::strategy::Strategy::prop_map(0i64..4_000_000_000_000_000_000, |n| n - n % 1_000_000),
+                proptest::strategy::Strategy::prop_map(0i64..4_000_000_000_000_000_000, |n| n - n % 1_000),
+                proptest::strategy::Strategy::prop_map(0i64..4_000_000_000_000_000_000, |n| n - n % 1_000_000_000),
+            ],
         ) {
             let pick = |i: usize| present[i].then(|| text[i % text.len()].clone());
             let record = UsageRecord {
