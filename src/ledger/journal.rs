@@ -47,8 +47,12 @@ pub enum FsyncPolicy {
 
 /// Where the ledger puts entries. Called under the ledger's lock.
 pub trait Journal: Send {
-    /// Appends a batch, in order.
+    /// Appends a batch, in order, starting new segments as they fill.
     fn append(&mut self, batch: &[LedgerEntry]) -> io::Result<()>;
+    /// Appends the batch's entries, in order, until one would start a new segment (a
+    /// rotation syncs, which the ledger leaves to its writer thread); returns how many were
+    /// appended.
+    fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> io::Result<usize>;
     /// Hands buffered bytes to the operating system.
     fn flush(&mut self) -> io::Result<()>;
     /// Makes everything appended so far durable.
@@ -336,6 +340,23 @@ impl SegmentJournal {
         self.segment_size = SEGMENT_MAGIC.len() as u64;
         Ok(())
     }
+
+    /// Frames `entry` into the current segment.
+    fn append_one(&mut self, entry: &LedgerEntry) -> io::Result<()> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&[0u8; FRAME_HEADER]);
+        entry.write_json(&mut self.scratch)?;
+        let len = u32::try_from(self.scratch.len() - FRAME_HEADER)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))?;
+        self.scratch[0..4].copy_from_slice(&len.to_le_bytes());
+        self.scratch[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
+        let crc = crc32c::crc32c(&self.scratch[8..]);
+        self.scratch[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.out.write_all(&self.scratch)?;
+        self.segment_size += self.scratch.len() as u64;
+        self.next_seq += 1;
+        Ok(())
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -345,23 +366,22 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl Journal for SegmentJournal {
     fn append(&mut self, batch: &[LedgerEntry]) -> io::Result<()> {
         for entry in batch {
-            if self.segment_size >= self.segment_max_bytes {
+            if self.wants_rotation() {
                 self.rotate()?;
             }
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&[0u8; FRAME_HEADER]);
-            entry.write_json(&mut self.scratch)?;
-            let len = u32::try_from(self.scratch.len() - FRAME_HEADER)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))?;
-            self.scratch[0..4].copy_from_slice(&len.to_le_bytes());
-            self.scratch[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
-            let crc = crc32c::crc32c(&self.scratch[8..]);
-            self.scratch[4..8].copy_from_slice(&crc.to_le_bytes());
-            self.out.write_all(&self.scratch)?;
-            self.segment_size += self.scratch.len() as u64;
-            self.next_seq += 1;
+            self.append_one(entry)?;
         }
         Ok(())
+    }
+
+    fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> io::Result<usize> {
+        for (appended, entry) in batch.iter().enumerate() {
+            if self.wants_rotation() {
+                return Ok(appended);
+            }
+            self.append_one(entry)?;
+        }
+        Ok(batch.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

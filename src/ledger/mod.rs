@@ -454,28 +454,39 @@ struct WriterState {
 }
 
 impl WriterState {
-    /// Appends `batch`, hands it to the OS, applies it to the shadow and publishes the
-    /// counters.
-    fn write(&mut self, batch: &[LedgerEntry], shared: &WriterShared) -> std::io::Result<()> {
-        self.journal
-            .append(batch)
-            .and_then(|()| self.journal.flush())?;
+    /// Appends `batch` (all of it, rotating segments as they fill; or, `within_segment`, only
+    /// up to the first entry that would start a new segment), hands it to the OS, applies it
+    /// to the shadow and publishes the counters. Returns how many entries were appended.
+    fn write(
+        &mut self,
+        batch: &[LedgerEntry],
+        within_segment: bool,
+        shared: &WriterShared,
+    ) -> std::io::Result<usize> {
+        let appended = if within_segment {
+            self.journal.append_within_segment(batch)?
+        } else {
+            self.journal.append(batch)?;
+            batch.len()
+        };
+        if appended == 0 {
+            return Ok(0);
+        }
+        self.journal.flush()?;
         if let Some(sh) = &self.shadow {
             let now = chrono::Utc::now();
-            for entry in batch {
+            for entry in &batch[..appended] {
                 sh.balances.apply_entry(entry, &*sh.policies, now);
             }
         }
-        shared
-            .written
-            .fetch_add(batch.len() as u64, Ordering::Release);
+        shared.written.fetch_add(appended as u64, Ordering::Release);
         shared
             .last_seq
             .store(self.journal.last_seq(), Ordering::Release);
         shared
             .size_bytes
             .store(self.journal.size_bytes(), Ordering::Release);
-        Ok(())
+        Ok(appended)
     }
 }
 
@@ -662,17 +673,21 @@ impl Ledger {
                 pending.acks.push(ack);
                 drop(pending);
                 if let Some(runtime) = runtime {
-                    // The ledger outlives every submission; without it, nothing could
-                    // append the batch, so it would be appended here.
                     match self.me.upgrade() {
-                        Some(me) => drop(runtime.spawn(async move { me.append_pending() })),
+                        // The batch is appended when the task's future is dropped: after it
+                        // ran, or unrun when the runtime is shutting down (a spawn it refuses
+                        // drops the future at once), so no batch is left behind.
+                        Some(me) => {
+                            let batch = AppendOnDrop(me);
+                            drop(runtime.spawn(async move { drop(batch) }));
+                        }
                         None => self.append_pending(),
                     }
                 }
                 return;
             }
         }
-        if self.try_append(std::slice::from_ref(&entry)) {
+        if self.try_append(std::slice::from_ref(&entry)) == 1 {
             if let Some(ack) = ack {
                 let _ = ack.send(());
             }
@@ -689,20 +704,22 @@ impl Ledger {
         }
     }
 
-    /// Appends `entries` on the calling thread when it can (see [`Ledger::try_append`]),
-    /// otherwise hands them to the writer thread, in order.
+    /// Appends `entries` on the calling thread as far as it can (see [`Ledger::try_append`])
+    /// and hands the rest to the writer thread, in order.
     fn append_now(&self, entries: Vec<LedgerEntry>, acks: Vec<Option<oneshot::Sender<()>>>) {
-        if self.try_append(&entries) {
-            for ack in acks.into_iter().flatten() {
-                let _ = ack.send(());
-            }
+        let appended = self.try_append(&entries);
+        let mut acks = acks.into_iter();
+        for ack in acks.by_ref().take(appended).flatten() {
+            let _ = ack.send(());
+        }
+        if appended == entries.len() {
             return;
         }
         // Counted as queued all at once, so nothing appended inline slips in between them.
         self.shared
             .queued
-            .fetch_add(entries.len() as u64, Ordering::AcqRel);
-        for (entry, ack) in entries.into_iter().zip(acks) {
+            .fetch_add((entries.len() - appended) as u64, Ordering::AcqRel);
+        for (entry, ack) in entries.into_iter().skip(appended).zip(acks) {
             self.send(Message::Record(Box::new(entry), ack));
         }
     }
@@ -713,31 +730,34 @@ impl Ledger {
         self.send(Message::Record(Box::new(entry), ack));
     }
 
-    /// Appends `entries` on the calling thread when that keeps the journal's order and needs
-    /// no waiting: appends allowed inline, no backlog at the writer thread, the lock free, no
-    /// rotation due.
-    fn try_append(&self, entries: &[LedgerEntry]) -> bool {
+    /// Appends the first of `entries` on the calling thread when that keeps the journal's
+    /// order and needs no waiting: appends allowed inline, no backlog at the writer thread,
+    /// the lock free; it stops before an entry that would start a new segment (rotations
+    /// sync, and are left to the writer thread). Returns how many it appended.
+    fn try_append(&self, entries: &[LedgerEntry]) -> usize {
         if !self.inline || self.shared.queued.load(Ordering::Acquire) > 0 {
-            return false;
+            return 0;
         }
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return false,
+            Err(TryLockError::WouldBlock) => return 0,
         };
         // Re-checked under the lock: the writer thread drains its backlog holding it.
-        if self.shared.queued.load(Ordering::Acquire) > 0 || state.journal.wants_rotation() {
-            return false;
+        if self.shared.queued.load(Ordering::Acquire) > 0 {
+            return 0;
         }
-        match state.write(entries, &self.shared) {
-            Ok(()) => {
+        match state.write(entries, true, &self.shared) {
+            Ok(appended) => {
                 drop(state);
-                self.shared.appended.notify_waiters();
-                true
+                if appended > 0 {
+                    self.shared.appended.notify_waiters();
+                }
+                appended
             }
             Err(e) => {
                 tracing::error!(error = %e, "journal write failed; the writer thread retries it");
-                false
+                0
             }
         }
     }
@@ -817,11 +837,12 @@ impl Ledger {
     }
 }
 
-impl Drop for Ledger {
-    /// Entries gathered for a batch whose task never ran (its runtime shut down) are
-    /// appended here, so none is lost.
+/// Appends the ledger's gathered entries when dropped (see [`Ledger::append_or_send`]).
+struct AppendOnDrop(Arc<Ledger>);
+
+impl Drop for AppendOnDrop {
     fn drop(&mut self) {
-        self.append_pending();
+        self.0.append_pending();
     }
 }
 
@@ -880,8 +901,8 @@ fn write_loop(
         if !batch.is_empty() {
             loop {
                 let mut st = lock(state);
-                match st.write(&batch, shared) {
-                    Ok(()) => {
+                match st.write(&batch, false, shared) {
+                    Ok(_) => {
                         shared
                             .queued
                             .fetch_sub(batch.len() as u64, Ordering::AcqRel);
@@ -1096,16 +1117,24 @@ mod tests {
         assert_eq!(grant_ids(dir.path()), expected);
     }
 
-    /// A journal that counts its appends (calls, not entries).
+    /// A journal that counts its appends (calls, not entries) and names the threads that
+    /// made full appends (the only kind that may rotate a segment).
     struct CountingJournal {
         inner: SegmentJournal,
         appends: Arc<AtomicU64>,
+        rotating_threads: Arc<Mutex<Vec<String>>>,
     }
 
     impl Journal for CountingJournal {
         fn append(&mut self, batch: &[LedgerEntry]) -> std::io::Result<()> {
             self.appends.fetch_add(1, Ordering::Relaxed);
+            let thread = std::thread::current().name().unwrap_or("?").to_string();
+            lock(&self.rotating_threads).push(thread);
             self.inner.append(batch)
+        }
+        fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> std::io::Result<usize> {
+            self.appends.fetch_add(1, Ordering::Relaxed);
+            self.inner.append_within_segment(batch)
         }
         fn flush(&mut self) -> std::io::Result<()> {
             self.inner.flush()
@@ -1127,21 +1156,35 @@ mod tests {
         }
     }
 
-    fn start_counting(dir: &std::path::Path) -> (Arc<Ledger>, Arc<AtomicU64>) {
-        let (inner, _) = SegmentJournal::open(dir, 64 * 1024 * 1024).unwrap();
+    struct Counted {
+        ledger: Arc<Ledger>,
+        appends: Arc<AtomicU64>,
+        rotating_threads: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn start_counting(dir: &std::path::Path, segment_bytes: u64) -> Counted {
+        let (inner, _) = SegmentJournal::open(dir, segment_bytes).unwrap();
         let appends = Arc::new(AtomicU64::new(0));
+        let rotating_threads = Arc::new(Mutex::new(Vec::new()));
         let journal = CountingJournal {
             inner,
             appends: appends.clone(),
+            rotating_threads: rotating_threads.clone(),
         };
         let ledger = Ledger::start(Box::new(journal), 16, FsyncPolicy::Never).unwrap();
-        (ledger, appends)
+        Counted {
+            ledger,
+            appends,
+            rotating_threads,
+        }
     }
 
     #[tokio::test]
     async fn entries_of_one_scheduler_pass_are_appended_with_one_write() {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, appends) = start_counting(dir.path());
+        let Counted {
+            ledger, appends, ..
+        } = start_counting(dir.path(), 64 * 1024 * 1024);
         let mut acks: Vec<_> = (1..=3).map(|n| ledger.submit_acked(grant(n))).collect();
         ledger.submit(grant(4));
         // Nothing is written until the task already due has run...
@@ -1167,7 +1210,7 @@ mod tests {
     #[allow(clippy::await_holding_lock)] // the point: the batch finds the journal locked
     async fn a_gathered_batch_behind_a_writer_backlog_keeps_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, _) = start_counting(dir.path());
+        let ledger = start_counting(dir.path(), 64 * 1024 * 1024).ledger;
         ledger.submit_acked(grant(1)).await.unwrap();
         let held = lock(&ledger.state);
         let first: Vec<_> = (2..=3).map(|n| ledger.submit_acked(grant(n))).collect();
@@ -1187,19 +1230,67 @@ mod tests {
     }
 
     #[test]
-    fn entries_gathered_when_the_runtime_stops_are_appended_when_the_ledger_drops() {
+    fn entries_gathered_when_the_runtime_stops_are_appended_then() {
+        /// Submits a grant when dropped, as a meter does for a request cut short.
+        struct SubmitOnDrop(Arc<Ledger>, u64);
+        impl Drop for SubmitOnDrop {
+            fn drop(&mut self) {
+                self.0.submit(grant(self.1));
+            }
+        }
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, appends) = start_counting(dir.path());
+        let Counted {
+            ledger, appends, ..
+        } = start_counting(dir.path(), 64 * 1024 * 1024);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        // Submitted, but the runtime stops before the batch's task runs.
-        runtime.block_on(async { ledger.submit(grant(1)) });
+        runtime.block_on(async {
+            // Submitted, but the runtime stops before the batch's task runs...
+            ledger.submit(grant(1));
+            // ...and one submitted while the runtime drops its tasks, when it refuses new
+            // ones.
+            let pending = SubmitOnDrop(ledger.clone(), 2);
+            tokio::spawn(async move {
+                let _pending = pending;
+                std::future::pending::<()>().await;
+            });
+            tokio::task::yield_now().await;
+        });
         drop(runtime);
-        assert_eq!(appends.load(Ordering::Relaxed), 0);
+        // Both appended as the runtime went, with the ledger still alive (in the gateway the
+        // ledger lives as long as the process).
+        assert!(appends.load(Ordering::Relaxed) >= 1);
+        assert_eq!(grant_ids(dir.path()), ["g1", "g2"]);
         drop(ledger);
-        assert_eq!(appends.load(Ordering::Relaxed), 1);
-        assert_eq!(grant_ids(dir.path()), ["g1"]);
+    }
+
+    #[tokio::test]
+    async fn batches_gathered_on_the_runtime_never_rotate_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let Counted {
+            ledger,
+            rotating_threads,
+            ..
+        } = start_counting(dir.path(), 4096);
+        for pass in 0..30 {
+            let acks: Vec<_> = (0..3)
+                .map(|i| ledger.submit_acked(grant(pass * 3 + i + 1)))
+                .collect();
+            for ack in acks {
+                ack.await.unwrap();
+            }
+        }
+        assert!(journal::segments(dir.path()).unwrap().len() > 3);
+        let expected: Vec<String> = (1..=90).map(|n| format!("g{n}")).collect();
+        assert_eq!(grant_ids(dir.path()), expected);
+        // Appends that may rotate (and so fsync) ran on the writer thread only.
+        let threads = lock(&rotating_threads).clone();
+        assert!(!threads.is_empty());
+        assert!(
+            threads.iter().all(|t| t == "tollgate-journal"),
+            "{threads:?}"
+        );
     }
 
     #[tokio::test]
