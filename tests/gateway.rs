@@ -1030,7 +1030,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
 }
 
 /// Responses without a body (204) give their connection back too: three requests, one
-/// upstream connection.
+/// upstream connection; and each is recorded as completed.
 #[tokio::test]
 async fn a_connection_is_reused_after_a_response_without_a_body() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1062,7 +1062,7 @@ async fn a_connection_is_reused_after_a_response_without_a_body() {
             });
         }
     });
-    let (gateway, _journal, _dir) = gateway_for(upstream).await;
+    let (gateway, journal, _dir) = gateway_for(upstream).await;
     let http = reqwest::Client::new();
     for _ in 0..3 {
         let resp = http
@@ -1075,6 +1075,22 @@ async fn a_connection_is_reused_after_a_response_without_a_body() {
         resp.bytes().await.unwrap();
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Each is recorded as completed (not as a client that went away).
+    let ledger = gateway.ledger();
+    assert!(
+        ledger
+            .wait_written(3, std::time::Duration::from_secs(10))
+            .await
+    );
+    ledger.sync().await;
+    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
+    assert_eq!(records.len(), 3);
+    assert!(
+        records
+            .iter()
+            .all(|r| (r.status, r.outcome) == (204, Outcome::Completed)),
+        "{records:#?}"
+    );
 }
 
 /// An upstream `base_url` with a path: requests go to that prefix plus the client's path and
