@@ -975,36 +975,27 @@ async fn upstream_connections_are_reused() {
 /// goes out on a new one instead of failing.
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_used() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The request body is small: its head and body come in together.
-                while !String::from_utf8_lossy(&request).contains("}") {
-                    let n = conn.read(&mut buf).await.unwrap();
-                    assert!(n > 0);
-                    request.extend_from_slice(&buf[..n]);
-                }
-                let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                conn.write_all(response.as_bytes()).await.unwrap();
-                // Then, once tollgate has pooled the connection, the upstream closes it.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            });
+    let (upstream, accepted) = counting_upstream(|mut conn| async move {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The request body is small: its head and body come in together.
+        while !String::from_utf8_lossy(&request).contains("}") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            request.extend_from_slice(&buf[..n]);
         }
-    });
+        let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(response.as_bytes()).await.unwrap();
+        // Then, once tollgate has pooled the connection, the upstream closes it.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    })
+    .await;
     let (gateway, _journal, _dir) = gateway_for(upstream).await;
     let http = reqwest::Client::new();
     for _ in 0..3 {
@@ -1033,35 +1024,26 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
 /// upstream connection; and each is recorded as completed.
 #[tokio::test]
 async fn a_connection_is_reused_after_a_response_without_a_body() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
+    let (upstream, accepted) = counting_upstream(|mut conn| async move {
+        // Body-less GETs: each request ends with its head.
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
         loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                // Body-less GETs: each request ends with its head.
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                            .await
-                            .unwrap();
-                    }
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
+            while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                pending.drain(..end + 4);
+                conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
         }
-    });
+    })
+    .await;
     let (gateway, journal, _dir) = gateway_for(upstream).await;
     let http = reqwest::Client::new();
     for _ in 0..3 {
@@ -1076,15 +1058,7 @@ async fn a_connection_is_reused_after_a_response_without_a_body() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     // Each is recorded as completed (not as a client that went away).
-    let ledger = gateway.ledger();
-    assert!(
-        ledger
-            .wait_written(3, std::time::Duration::from_secs(10))
-            .await
-    );
-    ledger.sync().await;
-    let records = tollgate::ledger::journal::read_all(&journal).unwrap();
-    assert_eq!(records.len(), 3);
+    let records = journaled_records(&gateway, &journal, 3).await;
     assert!(
         records
             .iter()

@@ -271,17 +271,7 @@ impl Fixture {
 
     /// Waits for exactly `n` journaled records and returns them.
     async fn records(&self, n: u64) -> Vec<UsageRecord> {
-        let ledger = self.gateway.ledger();
-        assert!(
-            ledger.wait_written(n, Duration::from_secs(30)).await,
-            "expected {n} records, {} submitted",
-            ledger.submitted()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        ledger.sync().await;
-        let records = tollgate::ledger::journal::read_all(&self.journal).unwrap();
-        assert_eq!(records.len() as u64, n);
-        records
+        common::journaled_records(&self.gateway, &self.journal, n).await
     }
 
     async fn admin_get(&self, path: &str) -> Value {

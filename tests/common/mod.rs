@@ -109,19 +109,55 @@ pub async fn gateway_for(
     (gateway, journal, dir)
 }
 
-/// The one usage record `gateway` journaled (in `journal`), once written; fails if there is
-/// none or, a little later, more than one.
-pub async fn only_record(gateway: &RunningGateway, journal: &std::path::Path) -> UsageRecord {
+/// The `n` usage records `gateway` journaled (in `journal`), once written; fails if fewer
+/// come or, a little later (so a double count would show), more.
+pub async fn journaled_records(
+    gateway: &RunningGateway,
+    journal: &std::path::Path,
+    n: u64,
+) -> Vec<UsageRecord> {
     let ledger = gateway.ledger();
     assert!(
-        ledger.wait_written(1, Duration::from_secs(10)).await,
-        "no record"
+        ledger.wait_written(n, Duration::from_secs(30)).await,
+        "expected {n} records, {} submitted",
+        ledger.submitted()
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     ledger.sync().await;
-    let mut records = tollgate::ledger::journal::read_all(journal).unwrap();
-    assert_eq!(records.len(), 1, "{records:#?}");
-    records.remove(0)
+    let records = tollgate::ledger::journal::read_all(journal).unwrap();
+    assert_eq!(records.len() as u64, n, "{records:#?}");
+    records
+}
+
+/// The one usage record `gateway` journaled; see [`journaled_records`].
+pub async fn only_record(gateway: &RunningGateway, journal: &std::path::Path) -> UsageRecord {
+    journaled_records(gateway, journal, 1).await.remove(0)
+}
+
+/// A test's own upstream on a free loopback port: `serve` handles each accepted connection
+/// (on its own task). Returns the address and a count of connections accepted.
+pub async fn counting_upstream<F, Fut>(
+    serve: F,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(serve(conn));
+        }
+    });
+    (addr, accepted)
 }
 
 impl Harness {
@@ -193,18 +229,7 @@ impl Harness {
 
     /// Waits for exactly `n` journaled records and returns them.
     pub async fn records(&self, n: u64) -> Vec<UsageRecord> {
-        let ledger = self.gateway.ledger();
-        assert!(
-            ledger.wait_written(n, Duration::from_secs(30)).await,
-            "expected {n} records, {} submitted",
-            ledger.submitted()
-        );
-        // A little longer, so an extra (double-counted) record would show up too.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        ledger.sync().await;
-        let records = tollgate::ledger::journal::read_all(&self.journal).unwrap();
-        assert_eq!(records.len() as u64, n, "journal: {records:#?}");
-        records
+        journaled_records(&self.gateway, &self.journal, n).await
     }
 
     /// The one record with this id.
