@@ -25,8 +25,14 @@
 #      proxies stayed up, and that tollgate's journal grew by at least the requests wrk completed.
 #   6. LATENCY_AT_HALF=1 (default): both proxies again at a constant rate of half tollgate's
 #      median max req/s (per scenario); target: tollgate adds <= 100 µs to the baseline's p99.
-#      Debian ships no wrk2, and hey (-q) prints latencies rounded to 100 µs, too coarse for
-#      that target, so wrk paces the rate itself through a Lua delay() hook (see chat.lua).
+#      The load comes from tollgate-loadgen (src/bin/tollgate-loadgen.rs, built with the
+#      other binaries): open loop, 32 connections, each send at its own time with
+#      sub-millisecond precision, Poisson arrivals (ARRIVALS=uniform: evenly spaced).
+#      PACER=wrk uses wrk with a Lua delay() pacer instead (chat.lua), as before: wrk's
+#      timers tick once a millisecond, so each millisecond's requests (~25 at 25k req/s)
+#      leave together, and the latency measured is mostly queueing behind that burst, which
+#      scales with CPU time per request times the burst size. (Debian ships no wrk2, and
+#      hey -q prints latencies rounded to 100 µs.)
 #   Markdown report on stdout; everything as JSON in $CARGO_TARGET_DIR/load-bench.json.
 #   Exits 1 when a check failed. Loopback only; every step has a time bound; every process it
 #   started is stopped on exit, Ctrl-C or failure. KEEP_WORK=1 keeps the temp dir (logs).
@@ -44,7 +50,8 @@
 #   WARMUP (3s) NKEYS (10000) SCENARIOS (chat,stream) LATENCY_AT_HALF (1) NICE (-10 as root)
 #   NOISE_MAX (0.2: a round in which other processes used more cores than this is discarded
 #   and repeated, at most ROUNDS times)
-#   HALF_DURATION (= DURATION) CARGO_TARGET_DIR (target) SKIP_BUILD (0; 1 = use the binaries
+#   HALF_DURATION (= DURATION) PACER (loadgen; or wrk) ARRIVALS (poisson; or uniform)
+#   CARGO_TARGET_DIR (target) SKIP_BUILD (0; 1 = use the binaries
 #   already built in $CARGO_TARGET_DIR/release)
 set -euo pipefail
 
@@ -63,6 +70,8 @@ NKEYS="${NKEYS:-10000}"
 SCENARIOS="${SCENARIOS:-chat,stream}"
 LATENCY_AT_HALF="${LATENCY_AT_HALF:-1}"
 HALF_DURATION="${HALF_DURATION:-$DURATION}"
+PACER="${PACER:-loadgen}"
+ARRIVALS="${ARRIVALS:-poisson}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BIN="$TARGET_DIR/release"
@@ -133,7 +142,7 @@ else
   log "cargo build --release --bins (target dir: $TARGET_DIR)"
   timeout 1800 cargo build --release --bins --quiet
 fi
-[ -x "$BIN/tollgate" ] && [ -x "$BIN/tollgate-mock" ] || die "binaries not found in $BIN"
+[ -x "$BIN/tollgate" ] && [ -x "$BIN/tollgate-mock" ] && [ -x "$BIN/tollgate-loadgen" ] || die "binaries not found in $BIN"
 
 # ---------------------------------------------------------------------------------------------
 # Pinning.
@@ -189,7 +198,7 @@ trap 'exit 143' TERM
 
 # Snapshot the binaries: a concurrent cargo build must not swap them between runs.
 mkdir "$WORK/bin"
-cp "$BIN/tollgate" "$BIN/tollgate-mock" "$WORK/bin/"
+cp "$BIN/tollgate" "$BIN/tollgate-mock" "$BIN/tollgate-loadgen" "$WORK/bin/"
 BIN="$WORK/bin"
 
 forget_pid() {
@@ -343,12 +352,22 @@ run_wrk() {
   local b0; b0="$(machine_busy_ticks)"
   python3 "$LOAD_DIR/procs.py" snap "$WORK/procs.json"
   # sh reaps wrk, then prints its own stat line, whose cutime + cstime are wrk's CPU use.
+  local load_cmd
+  if [ "$rate" != 0 ] && [ "$PACER" = loadgen ]; then
+    # Constant rate: the open-loop generator (sub-millisecond send times; see its docs).
+    load_cmd=("$BIN/tollgate-loadgen" --addr "$addr" --rate "$rate" --connections "$CONNECTIONS"
+      --duration-s "$(secs "$dur")" --nkeys "$NKEYS" --max-tokens "$max_tokens"
+      --arrivals "$ARRIVALS")
+    [ "$stream" = 1 ] && load_cmd+=(--stream)
+  else
+    load_cmd=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s -s "$LOAD_DIR/chat.lua"
+      "http://$addr/v1/chat/completions")
+  fi
   BENCH_NKEYS="$NKEYS" BENCH_STREAM="$stream" BENCH_MAX_TOKENS="$max_tokens" \
   BENCH_RATE="$rate" BENCH_THREADS="$THREADS" \
     "${PIN_LOAD[@]}" timeout -k 5 $(( $(secs "$dur") + 60 )) \
     sh -c '"$@"; rc=$?; echo "LOADSTAT $(cat /proc/$$/stat)"; exit $rc' sh \
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s -s "$LOAD_DIR/chat.lua" \
-    "http://$addr/v1/chat/completions" >"$out" 2>&1 &
+    "${load_cmd[@]}" >"$out" 2>&1 &
   LOAD_PID=$!
   local rc=0
   wait "$LOAD_PID" || rc=$?
@@ -492,6 +511,7 @@ cat >"$WORK/config.json" <<EOF
  "git": "$git_rev", "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
  "mock": "tollgate-mock --worker-threads 1", "tollgate": "tollgate serve --worker-threads 1",
  "baseline": "$baseline_version", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
+ "pacer": "$PACER", "arrivals": "$ARRIVALS",
  "half_note": "$half_note"}
 EOF
 mkdir -p "$TARGET_DIR"

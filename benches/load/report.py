@@ -35,6 +35,8 @@ def summarise(runs):
             for k in ("p50", "p90", "p99", "p999", "mean", "max")
         },
         "p99_each_us": [x["latency_us"]["p99"] for x in w],
+        # tollgate-loadgen only: sends that left more than 50 µs after their time.
+        "late_sends": sum(x.get("late_sends", 0) for x in w),
         "errors": {
             k: sum(x["errors"][k] for x in w)
             for k in ("connect", "read", "write", "status", "timeout")
@@ -191,9 +193,14 @@ def main():
         if kind not in summary:
             continue
         if kind == "half":
+            pacer = (
+                f"tollgate-loadgen, {c['arrivals']} arrivals"
+                if c.get("pacer") == "loadgen"
+                else "wrk + Lua pacer: each millisecond's requests leave together"
+            )
             print(
                 "\n### Constant rate: half of tollgate's max req/s "
-                "(wrk + Lua pacer, same rate for both)\n"
+                f"({pacer}; same rate for both)\n"
             )
         print(head)
         print(sep)
@@ -223,6 +230,10 @@ def main():
                 if kind == "half":
                     verdict = "PASS" if block["added_p99_ok"] else "FAIL"
                     line += f" (target <= {ADDED_P99_TARGET_US} µs: {verdict})"
+                    if c.get("pacer") == "loadgen":
+                        late = sum(block[t]["late_sends"] for t in ("baseline", "tollgate") if t in block)
+                        sent = sum(block[t]["requests"] for t in ("baseline", "tollgate") if t in block)
+                        line += f"; sends > 50 µs late: {late / max(sent, 1):.0%}"
                 print(line)
             t = block.get("tollgate")
             if t and "journal_lines" in t:

@@ -1,0 +1,721 @@
+//! `tollgate-loadgen`: an open-loop load generator for the latency half of the load bench
+//! (`benches/load.sh`): requests at a given rate with sub-millisecond send times, on
+//! keep-alive HTTP/1.1 connections over loopback.
+//!
+//! Why not wrk: wrk's timers tick once a millisecond, so a paced wrk sends each
+//! millisecond's requests together (about 25 at once at 25,000 req/s). The last request of
+//! such a burst waits for the proxy to finish the others, so the latency it reports at
+//! "half load" is mostly queueing within the burst: it grows with CPU time per request
+//! times the burst size, not with what a request costs on its own. Here each connection has
+//! its own send times, Poisson (the default: independent callers) or evenly spaced, and one
+//! thread sends them on time: non-blocking sockets under epoll, woken by a timerfd
+//! (nanosecond resolution, timer slack 1 ns). Sends due within 20 µs of a wake-up leave
+//! together, which saves wake-ups on the core the generator shares with the mock.
+//!
+//! A connection carries one request at a time. When its send time comes while its previous
+//! response is still out, the send waits; sends that leave more than 50 µs late are
+//! counted (`late_sends`; latency is timed from the actual send, as in wrk). Every request
+//! carries `Authorization: Bearer tg-bench-<i>` for a random i below `--nkeys`, and the
+//! chat body of `benches/load/chat.lua`. The result is one line `LOADJSON {...}` in the
+//! same shape as chat.lua's, so the bench reads either.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::{Parser, ValueEnum};
+
+/// Open-loop HTTP/1.1 load at a fixed rate, for latency measurements.
+#[derive(Parser, Debug)]
+#[command(name = "tollgate-loadgen", version, about)]
+struct Args {
+    /// Target, `host:port` (loopback in the bench).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Request path.
+    #[arg(long, default_value = "/v1/chat/completions")]
+    path: String,
+    /// Total requests per second over all connections.
+    #[arg(long)]
+    rate: f64,
+    /// Connections (one request in flight on each).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// How long to send, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Keys `tg-bench-0` .. `tg-bench-<n-1>`, picked at random per request.
+    #[arg(long, default_value_t = 10_000)]
+    nkeys: usize,
+    /// `max_tokens` of the chat request.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Ask for an SSE stream.
+    #[arg(long)]
+    stream: bool,
+    /// How send times are spread.
+    #[arg(long, value_enum, default_value_t = Arrivals::Poisson)]
+    arrivals: Arrivals,
+    /// A response not complete after this many seconds counts as a timeout.
+    #[arg(long, default_value_t = 10)]
+    timeout_s: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Arrivals {
+    /// Exponential gaps: the superposition of all connections is a Poisson process.
+    Poisson,
+    /// Evenly spaced sends, connections interleaved.
+    Uniform,
+}
+
+/// What the run saw.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    bytes: u64,
+    late_sends: u64,
+    errors: Errors,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Errors {
+    connect: u64,
+    read: u64,
+    write: u64,
+    status: u64,
+    timeout: u64,
+}
+
+/// A send this much after its scheduled time counts as late.
+const LATE: Duration = Duration::from_micros(50);
+/// Sends due this soon go out now: one wake-up of the loop serves them together. Each
+/// wake-up programs a timer and switches tasks on the load generator's core, which it
+/// shares with the mock upstream.
+const COALESCE: Duration = Duration::from_micros(20);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    if args.connections == 0 || args.nkeys == 0 {
+        bail!("--connections and --nkeys must be at least 1");
+    }
+    set_timer_slack_ns(1);
+    let requests = format_requests(&args);
+    let mut tally = Tally::default();
+    let start = Instant::now() + Duration::from_millis(20);
+    let mut run = Run::new(&args, start)?;
+    run.drive(&requests, &mut tally)?;
+    let duration_us = Instant::now().saturating_duration_since(start).as_micros();
+    println!("{}", report(&mut tally, duration_us));
+    Ok(())
+}
+
+/// One request per key, formatted once.
+fn format_requests(args: &Args) -> Vec<Vec<u8>> {
+    let body = format!(
+        concat!(
+            r#"{{"model":"gpt-4o-mini","messages":["#,
+            r#"{{"role":"system","content":"You are a helpful assistant."}},"#,
+            r#"{{"role":"user","content":"Write a short poem about metering proxies and tokens."}}],"#,
+            r#""max_tokens":{}{}}}"#
+        ),
+        args.max_tokens,
+        if args.stream { r#","stream":true"# } else { "" }
+    );
+    (0..args.nkeys)
+        .map(|i| {
+            format!(
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+                 Authorization: Bearer tg-bench-{i}\r\nContent-Length: {}\r\n\r\n{body}",
+                args.path,
+                args.addr,
+                body.len()
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// One connection and its schedule.
+struct Conn {
+    stream: Option<TcpStream>,
+    /// When its next request is due.
+    next: Instant,
+    /// When the request in flight was sent.
+    in_flight: Option<Instant>,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+/// The event loop: one thread, non-blocking sockets under epoll, and a timerfd armed for the
+/// next send time (nanosecond resolution, unlike epoll's millisecond timeout).
+struct Run {
+    conns: Vec<Conn>,
+    epoll: OwnedFd,
+    timer: OwnedFd,
+    /// What the timer is set to.
+    armed: Option<Instant>,
+    end: Instant,
+    gap: Duration,
+    arrivals: Arrivals,
+    timeout: Duration,
+    addr: SocketAddr,
+    rng: SplitMix,
+}
+
+/// epoll token of the timer (connections use their index).
+const TIMER_TOKEN: u64 = u64::MAX;
+
+impl Run {
+    fn new(args: &Args, start: Instant) -> anyhow::Result<Self> {
+        // SAFETY: plain syscalls returning new descriptors, owned at once.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        anyhow::ensure!(
+            epoll >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let timer = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        anyhow::ensure!(
+            timer >= 0,
+            "timerfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+        watch(&epoll, timer.as_raw_fd(), TIMER_TOKEN, libc::EPOLL_CTL_ADD)?;
+        // Per connection: the mean gap between its sends.
+        let gap = Duration::from_secs_f64(args.connections as f64 / args.rate);
+        let mut rng = SplitMix(0x2545_f491_4f6c_dd1d);
+        let conns = (0..args.connections)
+            .map(|i| Conn {
+                stream: None,
+                next: start
+                    + match args.arrivals {
+                        Arrivals::Poisson => gap.mul_f64(rng.exponential()),
+                        // Connection i starts i/C of a gap in: the sends interleave evenly.
+                        Arrivals::Uniform => gap.mul_f64(i as f64 / args.connections as f64),
+                    },
+                in_flight: None,
+                buf: vec![0; 64 * 1024],
+                filled: 0,
+            })
+            .collect();
+        Ok(Self {
+            conns,
+            epoll,
+            timer,
+            armed: None,
+            end: start + Duration::from_secs_f64(args.duration_s),
+            gap,
+            arrivals: args.arrivals,
+            timeout: Duration::from_secs(args.timeout_s),
+            addr: args.addr,
+            rng,
+        })
+    }
+
+    /// Sends on schedule until the end, then waits for the responses still out.
+    fn drive(&mut self, requests: &[Vec<u8>], tally: &mut Tally) -> anyhow::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        loop {
+            let now = Instant::now();
+            let mut earliest: Option<Instant> = None;
+            let mut busy = false;
+            for i in 0..self.conns.len() {
+                if let Some(sent) = self.conns[i].in_flight {
+                    if now.duration_since(sent) > self.timeout {
+                        tally.errors.timeout += 1;
+                        self.close(i);
+                    } else {
+                        busy = true;
+                        continue;
+                    }
+                }
+                let next = self.conns[i].next;
+                if next >= self.end {
+                    continue;
+                }
+                if next > now + COALESCE {
+                    earliest = Some(earliest.map_or(next, |e| e.min(next)));
+                    continue;
+                }
+                if now - next > LATE {
+                    tally.late_sends += 1;
+                }
+                self.conns[i].next += match self.arrivals {
+                    Arrivals::Poisson => self.gap.mul_f64(self.rng.exponential()),
+                    Arrivals::Uniform => self.gap,
+                };
+                let request = &requests[(self.rng.next() % requests.len() as u64) as usize];
+                if self.send(i, request, tally)? {
+                    busy = true;
+                } else if self.conns[i].next < self.end {
+                    earliest =
+                        Some(earliest.map_or(self.conns[i].next, |e| e.min(self.conns[i].next)));
+                }
+            }
+            if !busy && earliest.is_none() {
+                return Ok(());
+            }
+            if let Some(at) = earliest
+                && self.armed != Some(at)
+            {
+                self.arm(at.saturating_duration_since(Instant::now()))?;
+                self.armed = Some(at);
+            }
+            // The timer wakes the loop for sends; 100 ms bounds the wait for timeouts.
+            // SAFETY: `events` is a valid buffer of the length passed.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    100,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                bail!("epoll_wait: {e}");
+            }
+            for ev in &events[..n as usize] {
+                let token = ev.u64;
+                if token == TIMER_TOKEN {
+                    self.armed = None;
+                    let mut expirations = [0u8; 8];
+                    // SAFETY: reads at most 8 bytes into an 8-byte buffer.
+                    let _ = unsafe {
+                        libc::read(self.timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8)
+                    };
+                } else {
+                    self.on_readable(token as usize, tally);
+                }
+            }
+        }
+    }
+
+    /// Connects when needed and writes the request; false when the connection failed.
+    fn send(&mut self, i: usize, request: &[u8], tally: &mut Tally) -> anyhow::Result<bool> {
+        let stream = match &mut self.conns[i].stream {
+            Some(stream) => stream,
+            slot @ None => {
+                let Ok(stream) = TcpStream::connect(self.addr) else {
+                    tally.errors.connect += 1;
+                    return Ok(false);
+                };
+                stream.set_nodelay(true)?;
+                stream.set_nonblocking(true)?;
+                watch(
+                    &self.epoll,
+                    stream.as_raw_fd(),
+                    i as u64,
+                    libc::EPOLL_CTL_ADD,
+                )?;
+                slot.insert(stream)
+            }
+        };
+        // Timed from before the write, as wrk does: the write itself may run the whole
+        // loopback exchange before it returns.
+        let sent = Instant::now();
+        // One write: the request is small and the socket's buffer empty (a short write
+        // would mean the server stopped reading; it counts as an error).
+        if !matches!(stream.write(request), Ok(n) if n == request.len()) {
+            tally.errors.write += 1;
+            self.close(i);
+            return Ok(false);
+        }
+        let conn = &mut self.conns[i];
+        conn.in_flight = Some(sent);
+        conn.filled = 0;
+        Ok(true)
+    }
+
+    /// Reads what arrived (level-triggered: what is left is reported again) and, once the
+    /// response is whole, records it. Stops reading at a whole response, which saves the
+    /// read that would only say "nothing more".
+    fn on_readable(&mut self, i: usize, tally: &mut Tally) {
+        let conn = &mut self.conns[i];
+        let Some(stream) = conn.stream.as_mut() else {
+            return;
+        };
+        let parsed = loop {
+            if conn.filled == conn.buf.len() {
+                let grown = conn.buf.len() * 2;
+                conn.buf.resize(grown, 0);
+            }
+            match stream.read(&mut conn.buf[conn.filled..]) {
+                Ok(0) => {
+                    if conn.in_flight.is_some() {
+                        tally.errors.read += 1;
+                    }
+                    self.close(i);
+                    return;
+                }
+                Ok(n) => conn.filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    tally.errors.read += 1;
+                    self.close(i);
+                    return;
+                }
+            }
+            match parse_response(&conn.buf[..conn.filled]) {
+                Parsed::Partial => {}
+                done => break done,
+            }
+        };
+        let (Some(sent), Parsed::Complete(response)) = (conn.in_flight, parsed) else {
+            // Invalid, or bytes with no request out: the server misbehaves.
+            tally.errors.read += 1;
+            self.close(i);
+            return;
+        };
+        let us = sent.elapsed().as_micros();
+        tally
+            .latencies_us
+            .push(u32::try_from(us).unwrap_or(u32::MAX));
+        tally.bytes += response.len as u64;
+        if !(200..300).contains(&response.status) {
+            tally.errors.status += 1;
+        }
+        conn.in_flight = None;
+        // One request at a time: bytes past this response would be a protocol error.
+        if !response.keep_alive || response.len != conn.filled {
+            tally.errors.read += u64::from(response.len != conn.filled);
+            self.close(i);
+        }
+    }
+
+    fn close(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if let Some(stream) = conn.stream.take() {
+            let _ = watch(
+                &self.epoll,
+                stream.as_raw_fd(),
+                i as u64,
+                libc::EPOLL_CTL_DEL,
+            );
+        }
+        conn.in_flight = None;
+        conn.filled = 0;
+    }
+
+    /// Arms the timer to fire once, `after` from now (at least 1 ns: zero would disarm it).
+    fn arm(&self, after: Duration) -> anyhow::Result<()> {
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: valid descriptor and itimerspec; the old value is not asked for.
+        let rc = unsafe {
+            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut())
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "timerfd_settime: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+}
+
+/// Adds (or removes) `fd` to the epoll set for reads (level-triggered), tagged `token`.
+fn watch(epoll: &OwnedFd, fd: RawFd, token: u64, op: libc::c_int) -> anyhow::Result<()> {
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+        u64: token,
+    };
+    // SAFETY: valid descriptors and a valid event struct.
+    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) };
+    anyhow::ensure!(rc == 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// A whole response at the start of a buffer.
+#[derive(Debug, PartialEq)]
+struct Response {
+    status: u16,
+    /// Head and body, in bytes.
+    len: usize,
+    keep_alive: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    Complete(Response),
+    Partial,
+    Invalid,
+}
+
+/// Parses one response: head, then a `content-length` or chunked body. A response framed
+/// by closing the connection is not supported (the bench's servers never send one).
+fn parse_response(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut head = httparse::Response::new(&mut headers);
+    let head_len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Invalid,
+    };
+    let mut length = None;
+    let mut chunked = false;
+    let mut keep_alive = true;
+    for h in head.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(n) => length = Some(n),
+                None => return Parsed::Invalid,
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.eq_ignore_ascii_case(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            keep_alive = !h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    let status = head.code.unwrap_or(0);
+    let body_len = if chunked {
+        match chunked_end(&buf[head_len..]) {
+            ChunkScan::Done(n) => n,
+            ChunkScan::Partial => return Parsed::Partial,
+            ChunkScan::Invalid => return Parsed::Invalid,
+        }
+    } else if let Some(n) = length {
+        if buf.len() - head_len < n {
+            return Parsed::Partial;
+        }
+        n
+    } else if status == 204 || status == 304 || status < 200 {
+        0
+    } else {
+        return Parsed::Invalid;
+    };
+    Parsed::Complete(Response {
+        status,
+        len: head_len + body_len,
+        keep_alive,
+    })
+}
+
+enum ChunkScan {
+    /// The body ends `n` bytes in (after the last chunk and its CRLF).
+    Done(usize),
+    /// More bytes are needed.
+    Partial,
+    Invalid,
+}
+
+/// Walks whole chunks of a chunked body (no trailers: the bench's servers send none).
+fn chunked_end(data: &[u8]) -> ChunkScan {
+    let mut at = 0;
+    loop {
+        let Some(line_end) = memchr::memmem::find(&data[at..], b"\r\n") else {
+            return ChunkScan::Partial;
+        };
+        let size_field = &data[at..at + line_end];
+        let size_field = match memchr::memchr(b';', size_field) {
+            Some(semi) => &size_field[..semi],
+            None => size_field,
+        };
+        let Some(size) = std::str::from_utf8(size_field)
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+        else {
+            return ChunkScan::Invalid;
+        };
+        let chunk_end = at + line_end + 2 + size + 2;
+        if data.len() < chunk_end {
+            return ChunkScan::Partial;
+        }
+        if &data[chunk_end - 2..chunk_end] != b"\r\n" {
+            return ChunkScan::Invalid;
+        }
+        if size == 0 {
+            return ChunkScan::Done(chunk_end);
+        }
+        at = chunk_end;
+    }
+}
+
+/// The `LOADJSON` line (sorts the latencies).
+fn report(all: &mut Tally, duration_us: u128) -> String {
+    let lat = &mut all.latencies_us;
+    lat.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if lat.is_empty() {
+            return 0;
+        }
+        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+        lat[rank.clamp(1, lat.len()) - 1]
+    };
+    let n = lat.len() as f64;
+    let mean = if lat.is_empty() {
+        0.0
+    } else {
+        lat.iter().map(|&v| f64::from(v)).sum::<f64>() / n
+    };
+    let stdev = if lat.len() < 2 {
+        0.0
+    } else {
+        (lat.iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0))
+            .sqrt()
+    };
+    let e = all.errors;
+    format!(
+        concat!(
+            r#"LOADJSON {{"requests":{},"duration_us":{},"bytes":{},"late_sends":{},"#,
+            r#""errors":{{"connect":{},"read":{},"write":{},"status":{},"timeout":{}}},"#,
+            r#""latency_us":{{"min":{},"mean":{:.1},"max":{},"stdev":{:.1},"#,
+            r#""p50":{},"p90":{},"p99":{},"p999":{}}}}}"#
+        ),
+        lat.len(),
+        duration_us,
+        all.bytes,
+        all.late_sends,
+        e.connect,
+        e.read,
+        e.write,
+        e.status,
+        e.timeout,
+        lat.first().copied().unwrap_or(0),
+        mean,
+        lat.last().copied().unwrap_or(0),
+        stdev,
+        pct(50.0),
+        pct(90.0),
+        pct(99.0),
+        pct(99.9),
+    )
+}
+
+/// A small, fast generator for key choice and arrival gaps (no cryptographic use).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// An exponentially distributed sample with mean 1.
+    fn exponential(&mut self) -> f64 {
+        // 53 random bits in (0, 1].
+        let u = ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        -u.ln()
+    }
+}
+
+/// Sleeps end within `ns` of their deadline instead of Linux's default 50 µs slack.
+fn set_timer_slack_ns(ns: u64) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = ns;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        6\r\ndata: \r\n18;ext=1\r\n{\"choices\":[]}\n\n[DONE]\n\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn content_length_response_is_whole_only_with_its_body() {
+        let whole = b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\n\r\nhello";
+        for cut in 0..whole.len() {
+            assert_eq!(
+                parse_response(&whole[..cut]),
+                Parsed::Partial,
+                "cut at {cut}"
+            );
+        }
+        let expected = Response {
+            status: 201,
+            len: whole.len(),
+            keep_alive: true,
+        };
+        assert_eq!(parse_response(whole), Parsed::Complete(expected));
+    }
+
+    #[test]
+    fn chunked_response_ends_at_the_last_chunk_wherever_it_is_cut() {
+        for cut in 0..CHUNKED.len() {
+            assert_eq!(
+                parse_response(&CHUNKED[..cut]),
+                Parsed::Partial,
+                "cut at {cut}"
+            );
+        }
+        let Parsed::Complete(r) = parse_response(CHUNKED) else {
+            panic!("not complete");
+        };
+        assert_eq!((r.status, r.len, r.keep_alive), (200, CHUNKED.len(), true));
+        // Bytes after the response are not part of it (the caller treats them as an error).
+        let mut more = CHUNKED.to_vec();
+        more.extend_from_slice(b"HTTP/1.1");
+        assert_eq!(parse_response(&more), Parsed::Complete(r));
+    }
+
+    #[test]
+    fn bad_framing_and_connection_close_are_reported() {
+        let bad_size = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n";
+        assert_eq!(parse_response(bad_size), Parsed::Invalid);
+        let bad_end = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n";
+        assert_eq!(parse_response(bad_end), Parsed::Invalid);
+        let no_length = b"HTTP/1.1 200 OK\r\n\r\nbody";
+        assert_eq!(parse_response(no_length), Parsed::Invalid);
+        assert_eq!(parse_response(b"SMTP ready\r\n\r\n"), Parsed::Invalid);
+        let closing =
+            b"HTTP/1.1 429 Too Many Requests\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let expected = Response {
+            status: 429,
+            len: closing.len(),
+            keep_alive: false,
+        };
+        assert_eq!(parse_response(closing), Parsed::Complete(expected));
+    }
+
+    #[test]
+    fn exponential_gaps_average_one() {
+        let mut rng = SplitMix(7);
+        let n = 100_000;
+        let mean = (0..n).map(|_| rng.exponential()).sum::<f64>() / f64::from(n);
+        assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    }
+}
