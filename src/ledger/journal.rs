@@ -23,9 +23,15 @@
 //! length and a valid frame after it (a flipped byte) skips that one frame and copies its
 //! bytes to `quarantine/` for inspection; anything else unreadable ends the segment there,
 //! its rest quarantined. Nothing is dropped silently.
+//!
+//! Failed writes. Appends are framed into a buffer and handed to the OS at each flush. When a
+//! write fails part-way (a full disk, an I/O error), the segment is cut back to where the
+//! last successful flush left it and the sequence numbers with it, so the journal holds
+//! exactly the entries up to [`Journal::last_seq`] and a retry writes the rest once, under the
+//! same numbers (byte for byte what a reader may already have seen before the cut).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{LedgerEntry, UsageRecord};
@@ -46,6 +52,10 @@ pub enum FsyncPolicy {
 }
 
 /// Where the ledger puts entries. Called under the ledger's lock.
+///
+/// After an error from `append`, `append_within_segment`, `flush` or a sync, the journal
+/// holds exactly the entries up to `last_seq()` (some of a failed batch may have been kept,
+/// e.g. those before a segment rotation): the caller retries the entries after it.
 pub trait Journal: Send {
     /// Appends a batch, in order, starting new segments as they fill.
     fn append(&mut self, batch: &[LedgerEntry]) -> io::Result<()>;
@@ -84,14 +94,29 @@ pub struct Recovery {
 /// The segment journal.
 pub struct SegmentJournal {
     dir: PathBuf,
-    out: BufWriter<File>,
+    /// The newest segment, positioned at its end.
+    file: File,
+    /// Frames appended since the last flush, not yet handed to the OS.
+    pending: Vec<u8>,
+    /// Size of the newest segment, `pending` included.
     segment_size: u64,
     segment_max_bytes: u64,
     /// Bytes of closed segments.
     closed_bytes: u64,
     next_seq: u64,
-    scratch: Vec<u8>,
+    /// `segment_size` and `next_seq` as of the last successful flush (or rotation, or open):
+    /// where a failed write cuts back to.
+    flushed: (u64, u64),
+    /// A failed write could not be cut back (the truncate failed too); every operation tries
+    /// again first.
+    torn: bool,
+    /// Unit tests make writes fail part-way through this.
+    #[cfg(test)]
+    faults: Option<std::sync::Arc<tests::WriteFaults>>,
 }
+
+/// `pending` is written out once it holds this much, within a batch.
+const FLUSH_THRESHOLD: usize = 256 * 1024;
 
 fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}{SEGMENT_SUFFIX}")
@@ -304,7 +329,11 @@ impl SegmentJournal {
             }
             None => (dir.join(segment_name(next_seq)), 0),
         };
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false) // the newest segment: appended to
+            .open(&path)?;
         let size = if size == 0 {
             file.write_all(SEGMENT_MAGIC)?;
             file.sync_data()?;
@@ -313,48 +342,116 @@ impl SegmentJournal {
         } else {
             size
         };
-        file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(size))?;
         Ok((
             SegmentJournal {
                 dir: dir.to_path_buf(),
-                out: BufWriter::with_capacity(256 * 1024, file),
+                file,
+                pending: Vec::with_capacity(64 * 1024),
                 segment_size: size,
                 segment_max_bytes: segment_max_bytes.max(4096),
                 closed_bytes,
                 next_seq,
-                scratch: Vec::with_capacity(1024),
+                flushed: (size, next_seq),
+                torn: false,
+                #[cfg(test)]
+                faults: None,
             },
             recovery,
         ))
     }
 
+    /// Closes the newest segment (synced) and starts the next. A file left by an earlier
+    /// attempt that failed part-way is started afresh.
     fn rotate(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out.get_ref().sync_data()?;
+        self.write_pending()?;
+        self.file.sync_data()?;
         let path = self.dir.join(segment_name(self.next_seq));
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
         file.write_all(SEGMENT_MAGIC)?;
         sync_dir(&self.dir)?;
         self.closed_bytes += self.segment_size;
-        self.out = BufWriter::with_capacity(256 * 1024, file);
+        self.file = file;
         self.segment_size = SEGMENT_MAGIC.len() as u64;
+        self.flushed = (self.segment_size, self.next_seq);
         Ok(())
     }
 
-    /// Frames `entry` into the current segment.
+    /// Frames `entry` into `pending`.
     fn append_one(&mut self, entry: &LedgerEntry) -> io::Result<()> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&[0u8; FRAME_HEADER]);
-        entry.write_json(&mut self.scratch)?;
-        let len = u32::try_from(self.scratch.len() - FRAME_HEADER)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))?;
-        self.scratch[0..4].copy_from_slice(&len.to_le_bytes());
-        self.scratch[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
-        let crc = crc32c::crc32c(&self.scratch[8..]);
-        self.scratch[4..8].copy_from_slice(&crc.to_le_bytes());
-        self.out.write_all(&self.scratch)?;
-        self.segment_size += self.scratch.len() as u64;
+        if self.pending.len() >= FLUSH_THRESHOLD {
+            self.write_pending()?;
+        }
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0u8; FRAME_HEADER]);
+        let framed = entry.write_json(&mut self.pending).and_then(|()| {
+            u32::try_from(self.pending.len() - start - FRAME_HEADER)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))
+        });
+        let len = match framed {
+            Ok(len) => len,
+            Err(e) => {
+                self.pending.truncate(start);
+                return Err(e);
+            }
+        };
+        let frame = &mut self.pending[start..];
+        frame[0..4].copy_from_slice(&len.to_le_bytes());
+        frame[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
+        let crc = crc32c::crc32c(&frame[8..]);
+        frame[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.segment_size += frame.len() as u64;
         self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Hands `pending` to the OS.
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if let Some(faults) = &self.faults {
+            let allowed = faults.allow(self.pending.len());
+            if allowed < self.pending.len() {
+                self.file.write_all(&self.pending[..allowed])?;
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "injected: disk full",
+                ));
+            }
+        }
+        self.file.write_all(&self.pending)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Runs one journal operation: first mends a cut that failed before, and if the
+    /// operation fails, cuts the segment back to the last flush (see the module docs).
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        if self.torn {
+            self.cut_back()?;
+        }
+        let result = op(self);
+        if result.is_err() {
+            // The operation's error is the one to report; a failed cut is retried next time.
+            let _ = self.cut_back();
+        }
+        result
+    }
+
+    /// Forgets what was appended since the last flush and truncates the segment to it.
+    fn cut_back(&mut self) -> io::Result<()> {
+        self.pending.clear();
+        (self.segment_size, self.next_seq) = self.flushed;
+        self.torn = true;
+        self.file.set_len(self.segment_size)?;
+        self.file.seek(SeekFrom::Start(self.segment_size))?;
+        self.torn = false;
         Ok(())
     }
 }
@@ -365,37 +462,45 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 impl Journal for SegmentJournal {
     fn append(&mut self, batch: &[LedgerEntry]) -> io::Result<()> {
-        for entry in batch {
-            if self.wants_rotation() {
-                self.rotate()?;
+        self.guarded(|j| {
+            for entry in batch {
+                if j.wants_rotation() {
+                    j.rotate()?;
+                }
+                j.append_one(entry)?;
             }
-            self.append_one(entry)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> io::Result<usize> {
-        for (appended, entry) in batch.iter().enumerate() {
-            if self.wants_rotation() {
-                return Ok(appended);
+        self.guarded(|j| {
+            for (appended, entry) in batch.iter().enumerate() {
+                if j.wants_rotation() {
+                    return Ok(appended);
+                }
+                j.append_one(entry)?;
             }
-            self.append_one(entry)?;
-        }
-        Ok(batch.len())
+            Ok(batch.len())
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.guarded(|j| {
+            j.write_pending()?;
+            j.flushed = (j.segment_size, j.next_seq);
+            Ok(())
+        })
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out.get_ref().sync_data()
+        self.flush()?;
+        self.file.sync_data()
     }
 
     fn sync_handle(&mut self) -> io::Result<File> {
-        self.out.flush()?;
-        self.out.get_ref().try_clone()
+        self.flush()?;
+        self.file.try_clone()
     }
 
     fn wants_rotation(&self) -> bool {
@@ -526,6 +631,101 @@ pub(crate) mod tests {
             expires_at_period_end: false,
             source: GrantSource::Admin,
         })
+    }
+
+    /// A byte budget for a journal's writes: past it, a write stores what fits and fails.
+    pub(crate) struct WriteFaults {
+        budget: std::sync::atomic::AtomicUsize,
+    }
+
+    impl WriteFaults {
+        pub(crate) fn allow(&self, len: usize) -> usize {
+            use std::sync::atomic::Ordering::Relaxed;
+            let left = self.budget.load(Relaxed);
+            let allowed = left.min(len);
+            self.budget.store(left - allowed, Relaxed);
+            allowed
+        }
+    }
+
+    impl WriteFaults {
+        /// Frees the disk: no more failures.
+        pub(crate) fn unlimited(&self) {
+            self.budget
+                .store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Lets `j` write `bytes` more, then fail (until the budget is lifted).
+    pub(crate) fn with_budget(j: &mut SegmentJournal, bytes: usize) -> std::sync::Arc<WriteFaults> {
+        let faults = std::sync::Arc::new(WriteFaults {
+            budget: bytes.into(),
+        });
+        j.faults = Some(faults.clone());
+        faults
+    }
+
+    /// Appends `batch` as the ledger's writer does: on an error, what the journal kept counts
+    /// as written and the rest is retried. Returns how many attempts failed.
+    fn append_retrying(j: &mut SegmentJournal, batch: &[LedgerEntry], budget: usize) -> usize {
+        with_budget(j, budget);
+        let mut done = 0;
+        let mut failures = 0;
+        loop {
+            let before = j.last_seq();
+            match j.append(&batch[done..]).and_then(|()| j.flush()) {
+                Ok(()) => return failures,
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+                    failures += 1;
+                    done += (j.last_seq() - before) as usize;
+                    // The file holds exactly the frames up to last_seq.
+                    let (_, path) = segments(&j.dir).unwrap().pop().unwrap();
+                    assert_eq!(fs::metadata(&path).unwrap().len(), j.segment_size);
+                    j.faults = None; // space freed
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_failing_part_way_is_cut_back_and_written_once_on_retry() {
+        // Budgets that fail in a frame's header, its payload, at a frame boundary, at a
+        // rotation's flush, and not at all; 4 KiB segments, so batches rotate.
+        for budget in [
+            0,
+            1,
+            16,
+            100,
+            300,
+            1000,
+            4000,
+            5000,
+            9000,
+            20_000,
+            usize::MAX,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            let first: Vec<_> = (1..=10).map(grant).collect();
+            j.append(&first).unwrap();
+            j.flush().unwrap();
+            let second: Vec<_> = (11..=60).map(grant).collect();
+            let failures = append_retrying(&mut j, &second, budget);
+            assert_eq!(failures > 0, budget < 20_000, "budget {budget}");
+            let third: Vec<_> = (61..=70).map(grant).collect();
+            append_retrying(&mut j, &third, usize::MAX);
+            j.sync().unwrap();
+            drop(j);
+
+            let (j, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            let want: Vec<_> = (1..=70).map(|n| format!("g{n}")).collect();
+            assert_eq!(ids(dir.path()), want, "budget {budget}");
+            let seqs: Vec<_> = recovery.entries.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(seqs, (1..=70).collect::<Vec<_>>(), "budget {budget}");
+            assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
+            assert_eq!(j.last_seq(), 70);
+        }
     }
 
     fn write(dir: &Path, n: u64, segment_bytes: u64) {

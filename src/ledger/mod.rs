@@ -456,37 +456,44 @@ struct WriterState {
 impl WriterState {
     /// Appends `batch` (all of it, rotating segments as they fill; or, `within_segment`, only
     /// up to the first entry that would start a new segment), hands it to the OS, applies it
-    /// to the shadow and publishes the counters. Returns how many entries were appended.
+    /// to the shadow and publishes the counters. Returns how many entries were appended; on
+    /// an error, also how many of them the journal kept (see [`Journal`]): those count as
+    /// written, and the caller retries the rest.
     fn write(
         &mut self,
         batch: &[LedgerEntry],
         within_segment: bool,
         shared: &WriterShared,
-    ) -> std::io::Result<usize> {
+    ) -> Result<usize, (usize, std::io::Error)> {
+        let before = self.journal.last_seq();
         let appended = if within_segment {
-            self.journal.append_within_segment(batch)?
+            self.journal.append_within_segment(batch)
         } else {
-            self.journal.append(batch)?;
-            batch.len()
+            self.journal.append(batch).map(|()| batch.len())
+        }
+        .and_then(|n| self.journal.flush().map(|()| n));
+        let kept = match &appended {
+            Ok(n) => *n,
+            Err(_) => usize::try_from(self.journal.last_seq().saturating_sub(before))
+                .unwrap_or(usize::MAX)
+                .min(batch.len()),
         };
-        if appended == 0 {
-            return Ok(0);
-        }
-        self.journal.flush()?;
-        if let Some(sh) = &self.shadow {
-            let now = chrono::Utc::now();
-            for entry in &batch[..appended] {
-                sh.balances.apply_entry(entry, &*sh.policies, now);
+        if kept > 0 {
+            if let Some(sh) = &self.shadow {
+                let now = chrono::Utc::now();
+                for entry in &batch[..kept] {
+                    sh.balances.apply_entry(entry, &*sh.policies, now);
+                }
             }
+            shared.written.fetch_add(kept as u64, Ordering::Release);
+            shared
+                .last_seq
+                .store(self.journal.last_seq(), Ordering::Release);
+            shared
+                .size_bytes
+                .store(self.journal.size_bytes(), Ordering::Release);
         }
-        shared.written.fetch_add(appended as u64, Ordering::Release);
-        shared
-            .last_seq
-            .store(self.journal.last_seq(), Ordering::Release);
-        shared
-            .size_bytes
-            .store(self.journal.size_bytes(), Ordering::Release);
-        Ok(appended)
+        appended.map_err(|e| (kept, e))
     }
 }
 
@@ -747,19 +754,18 @@ impl Ledger {
         if self.shared.queued.load(Ordering::Acquire) > 0 {
             return 0;
         }
-        match state.write(entries, true, &self.shared) {
-            Ok(appended) => {
-                drop(state);
-                if appended > 0 {
-                    self.shared.appended.notify_waiters();
-                }
-                appended
-            }
-            Err(e) => {
+        let appended = match state.write(entries, true, &self.shared) {
+            Ok(appended) => appended,
+            Err((kept, e)) => {
                 tracing::error!(error = %e, "journal write failed; the writer thread retries it");
-                0
+                kept
             }
+        };
+        drop(state);
+        if appended > 0 {
+            self.shared.appended.notify_waiters();
         }
+        appended
     }
 
     /// Queues a record for the writer thread. When the channel is full the record goes to the
@@ -899,18 +905,21 @@ fn write_loop(
             next = next_ready(&mut rx);
         }
         if !batch.is_empty() {
+            // What a failed write kept is not written again (see `Journal`).
+            let mut done = 0;
             loop {
                 let mut st = lock(state);
-                match st.write(&batch, false, shared) {
+                match st.write(&batch[done..], false, shared) {
                     Ok(_) => {
                         shared
                             .queued
                             .fetch_sub(batch.len() as u64, Ordering::AcqRel);
                         break;
                     }
-                    Err(e) => {
+                    Err((kept, e)) => {
                         drop(st);
-                        tracing::error!(error = %e, records = batch.len(), "journal write failed; retrying");
+                        done += kept;
+                        tracing::error!(error = %e, records = batch.len() - done, "journal write failed; retrying");
                         std::thread::sleep(WRITE_RETRY_DELAY);
                     }
                 }
@@ -1305,6 +1314,38 @@ mod tests {
         assert!(journal::segments(dir.path()).unwrap().len() > 3);
         let expected: Vec<String> = (1..=200).map(|n| format!("g{n}")).collect();
         assert_eq!(grant_ids(dir.path()), expected);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_holds_entries_back_and_never_writes_one_twice() {
+        // `Never`: inline batches on this runtime, the rest on the writer thread. `Always`:
+        // all on the writer thread, whose batch fails after a rotation has kept its start.
+        for (fsync, budget) in [(FsyncPolicy::Never, 3000), (FsyncPolicy::Always, 5000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut journal, _) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            // Room for some entries, then every write fails part-way.
+            let faults = journal::tests::with_budget(&mut journal, budget);
+            let ledger = Ledger::start(Box::new(journal), 16, fsync).unwrap();
+            for n in 1..=100 {
+                ledger.submit(grant(n));
+                if n % 10 == 0 {
+                    tokio::task::yield_now().await; // a batch per pass, as under load
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let stuck = ledger.shared.written.load(Ordering::Acquire);
+            assert!(stuck > 0 && stuck < 100, "{fsync:?}: {stuck} written");
+            faults.unlimited();
+            assert!(ledger.wait_written(100, Duration::from_secs(10)).await);
+            ledger.sync().await;
+            assert_eq!(ledger.shared.written.load(Ordering::Acquire), 100);
+            let expected: Vec<String> = (1..=100).map(|n| format!("g{n}")).collect();
+            assert_eq!(grant_ids(dir.path()), expected, "{fsync:?}");
+            let (_, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            let seqs: Vec<u64> = recovery.entries.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "{fsync:?}");
+            assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
+        }
     }
 
     #[tokio::test]
