@@ -55,7 +55,9 @@ impl WireUsage {
         let base = self.input_tokens?;
         let read = self.cache_read_input_tokens.unwrap_or(0);
         let created = self.cache_creation_input_tokens.unwrap_or(0);
-        Some((base + read + created, read, created))
+        // Saturating: the counts are the upstream's, and an absurd one must not wrap into a
+        // small charge (or panic in a debug build).
+        Some((base.saturating_add(read).saturating_add(created), read, created))
     }
 
     fn normalise(&self) -> TokenUsage {
@@ -236,6 +238,15 @@ mod tests {
         assert_eq!(s.usage.output_tokens, 12);
         assert!(observe_event("error", br#"{"type":"error"}"#, &mut s).error);
     }
+    #[test]
+    fn absurd_input_counts_saturate_instead_of_wrapping() {
+        let body = br#"{"type":"message","usage":{"input_tokens":15562871626093214339,
+            "cache_creation_input_tokens":2883872447616337277,"output_tokens":1}}"#;
+        let usage = usage_from_body(body).unwrap();
+        assert_eq!(usage.input_tokens, u64::MAX);
+        assert_eq!(usage.cache_creation_input_tokens, 2883872447616337277);
+    }
+
     proptest::proptest! {
         /// The usage reader agrees with serde on usage-like objects: the same counts, and
         /// failing where serde fails (wrong types, duplicates, numbers out of range).
