@@ -42,6 +42,8 @@ const FRAME_HEADER: usize = 16;
 /// Largest payload accepted when reading; a longer length field is corruption.
 const MAX_FRAME_PAYLOAD: u32 = 16 * 1024 * 1024;
 const SEGMENT_SUFFIX: &str = ".seg";
+/// Extension of a segment being created (renamed to `.seg` once it holds its magic).
+const NEW_SEGMENT_EXTENSION: &str = "seg.new";
 
 /// When the writer fsyncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +227,16 @@ impl SegmentJournal {
     /// Opens (creating) the journal in `dir`, recovering what is there.
     pub fn open(dir: &Path, segment_max_bytes: u64) -> io::Result<(SegmentJournal, Recovery)> {
         fs::create_dir_all(dir)?;
+        // Segments whose creation was cut short (see `rotate`) never held an entry.
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path
+                .to_str()
+                .is_some_and(|p| p.ends_with(NEW_SEGMENT_EXTENSION))
+            {
+                fs::remove_file(&path)?;
+            }
+        }
         let mut recovery = Recovery::default();
         let segs = segments(dir)?;
         let mut last_seq = 0u64;
@@ -361,24 +373,59 @@ impl SegmentJournal {
         ))
     }
 
-    /// Closes the newest segment (synced) and starts the next. A file left by an earlier
-    /// attempt that failed part-way is started afresh.
+    /// Closes the newest segment (synced) and starts the next. The next segment appears whole
+    /// or not at all: it is written under a temporary name and renamed. A rotation failing
+    /// part-way must not leave an empty next segment behind: a reader would move on to it
+    /// and miss the entries the retry writes into this one, and a restart would append to a
+    /// segment named after sequence numbers it does not hold.
     fn rotate(&mut self) -> io::Result<()> {
         self.write_pending()?;
         self.file.sync_data()?;
         let path = self.dir.join(segment_name(self.next_seq));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)?;
-        file.write_all(SEGMENT_MAGIC)?;
-        sync_dir(&self.dir)?;
+        let tmp = path.with_extension(NEW_SEGMENT_EXTENSION);
+        let file = match self.create_segment(&tmp, &path) {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         self.closed_bytes += self.segment_size;
         self.file = file;
         self.segment_size = SEGMENT_MAGIC.len() as u64;
         self.flushed = (self.segment_size, self.next_seq);
-        Ok(())
+        // The segment exists from the rename on: a failed directory sync is reported (the
+        // caller retries the batch, in the new segment).
+        sync_dir(&self.dir)
+    }
+
+    /// Writes the magic to `tmp`, syncs it and renames it to `path`.
+    fn create_segment(&self, tmp: &Path, path: &Path) -> io::Result<File> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(tmp)?;
+        self.write_to(&file, SEGMENT_MAGIC)?;
+        file.sync_data()?;
+        fs::rename(tmp, path)?;
+        Ok(file)
+    }
+
+    /// `file.write_all(buf)`; in unit tests, subject to the injected faults.
+    fn write_to(&self, mut file: &File, buf: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(faults) = &self.faults {
+            let allowed = faults.allow(buf.len());
+            if allowed < buf.len() {
+                file.write_all(&buf[..allowed])?;
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "injected: disk full",
+                ));
+            }
+        }
+        file.write_all(buf)
     }
 
     /// Frames `entry` into `pending`.
@@ -414,18 +461,7 @@ impl SegmentJournal {
         if self.pending.is_empty() {
             return Ok(());
         }
-        #[cfg(test)]
-        if let Some(faults) = &self.faults {
-            let allowed = faults.allow(self.pending.len());
-            if allowed < self.pending.len() {
-                self.file.write_all(&self.pending[..allowed])?;
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    "injected: disk full",
-                ));
-            }
-        }
-        self.file.write_all(&self.pending)?;
+        self.write_to(&self.file, &self.pending)?;
         self.pending.clear();
         Ok(())
     }
@@ -725,6 +761,54 @@ pub(crate) mod tests {
             assert_eq!(seqs, (1..=70).collect::<Vec<_>>(), "budget {budget}");
             assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
             assert_eq!(j.last_seq(), 70);
+        }
+    }
+
+    #[test]
+    fn a_rotation_failing_part_way_leaves_no_segment_for_readers_to_skip_to() {
+        let early: Vec<_> = (1..=10).map(grant).collect();
+        let batch: Vec<_> = (11..=40).map(grant).collect();
+        let start = |dir: &Path| {
+            let (mut j, _) = SegmentJournal::open(dir, 4096).unwrap();
+            j.append(&early).unwrap();
+            j.flush().unwrap();
+            let (_, newest) = segments(dir).unwrap().pop().unwrap();
+            (j, newest)
+        };
+        // What the batch's first rotation writes to the segment it closes, measured without
+        // faults; a budget just past it fails in the next segment's magic.
+        let closing_bytes = {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, newest) = start(dir.path());
+            let before = j.segment_size;
+            j.append(&batch).unwrap();
+            j.flush().unwrap();
+            fs::metadata(newest).unwrap().len() - before
+        };
+        for extra in 0..=SEGMENT_MAGIC.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = start(dir.path());
+            let mut reader = JournalReader::new(dir.path(), 0);
+            assert_eq!(reader.read(1000).unwrap().len(), 10);
+            let faults = with_budget(&mut j, closing_bytes as usize + extra);
+            let before = j.last_seq();
+            assert!(j.append(&batch).and_then(|()| j.flush()).is_err());
+            let kept = (j.last_seq() - before) as usize;
+            // The flusher reads while the writer waits to retry; then the retry.
+            let mut seen: Vec<u64> = reader.read(1000).unwrap().iter().map(|e| e.0).collect();
+            faults.unlimited();
+            j.append(&batch[kept..]).unwrap();
+            j.flush().unwrap();
+            seen.extend(reader.read(1000).unwrap().iter().map(|e| e.0));
+            assert_eq!(seen, (11..=40).collect::<Vec<_>>(), "extra {extra}");
+            drop(j);
+            let (_, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            assert_eq!(recovery.entries.len(), 40, "extra {extra}");
+            let names: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert!(names.iter().all(|n| n.ends_with(".seg")), "{names:?}");
         }
     }
 

@@ -489,10 +489,11 @@ impl WriterState {
             shared
                 .last_seq
                 .store(self.journal.last_seq(), Ordering::Release);
-            shared
-                .size_bytes
-                .store(self.journal.size_bytes(), Ordering::Release);
         }
+        // Also after a failure that kept nothing: a rotation may have started a segment.
+        shared
+            .size_bytes
+            .store(self.journal.size_bytes(), Ordering::Release);
         appended.map_err(|e| (kept, e))
     }
 }
@@ -700,7 +701,7 @@ impl Ledger {
             }
             return;
         }
-        self.queue(entry, ack);
+        self.send(Message::Record(Box::new(entry), ack));
     }
 
     /// Appends the entries gathered in this scheduler pass.
@@ -722,45 +723,47 @@ impl Ledger {
         if appended == entries.len() {
             return;
         }
-        // Counted as queued all at once, so nothing appended inline slips in between them.
-        self.shared
-            .queued
-            .fetch_add((entries.len() - appended) as u64, Ordering::AcqRel);
         for (entry, ack) in entries.into_iter().skip(appended).zip(acks) {
             self.send(Message::Record(Box::new(entry), ack));
         }
     }
 
-    /// Hands `entry` to the writer thread, behind everything it holds.
-    fn queue(&self, entry: LedgerEntry, ack: Option<oneshot::Sender<()>>) {
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        self.send(Message::Record(Box::new(entry), ack));
-    }
-
     /// Appends the first of `entries` on the calling thread when that keeps the journal's
     /// order and needs no waiting: appends allowed inline, no backlog at the writer thread,
     /// the lock free; it stops before an entry that would start a new segment (rotations
-    /// sync, and are left to the writer thread). Returns how many it appended.
+    /// sync, and are left to the writer thread). Returns how many it appended; the rest are
+    /// counted as queued (under the lock when it held it), and the caller hands them to the
+    /// writer thread in order. Counting them before the lock is released matters after a
+    /// failed write: the journal was cut back, and another thread's inline append must not
+    /// take the sequence numbers those entries will be written under.
     fn try_append(&self, entries: &[LedgerEntry]) -> usize {
+        let queue_rest = |appended: usize| {
+            if appended < entries.len() {
+                self.shared
+                    .queued
+                    .fetch_add((entries.len() - appended) as u64, Ordering::AcqRel);
+            }
+            appended
+        };
         if !self.inline || self.shared.queued.load(Ordering::Acquire) > 0 {
-            return 0;
+            return queue_rest(0);
         }
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return 0,
+            Err(TryLockError::WouldBlock) => return queue_rest(0),
         };
         // Re-checked under the lock: the writer thread drains its backlog holding it.
         if self.shared.queued.load(Ordering::Acquire) > 0 {
-            return 0;
+            return queue_rest(0);
         }
-        let appended = match state.write(entries, true, &self.shared) {
+        let appended = queue_rest(match state.write(entries, true, &self.shared) {
             Ok(appended) => appended,
             Err((kept, e)) => {
                 tracing::error!(error = %e, "journal write failed; the writer thread retries it");
                 kept
             }
-        };
+        });
         drop(state);
         if appended > 0 {
             self.shared.appended.notify_waiters();
@@ -1346,6 +1349,28 @@ mod tests {
             assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "{fsync:?}");
             assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
         }
+    }
+
+    // Multi-threaded: `try_append` itself appends (no gathering on this runtime).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_inline_append_that_fails_leaves_the_rest_counted_as_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = SegmentJournal::open(dir.path(), 1 << 20).unwrap();
+        let faults = journal::tests::with_budget(&mut journal, 100);
+        let ledger = Ledger::start(Box::new(journal), 16, FsyncPolicy::Never).unwrap();
+        let entries: Vec<_> = (1..=3).map(grant).collect();
+        assert_eq!(ledger.try_append(&entries), 0);
+        // Counted by `try_append`, under the lock (by construction; the race itself is not
+        // reproduced here): no other inline append takes the sequence numbers these will be
+        // written under.
+        assert_eq!(ledger.shared.queued.load(Ordering::Acquire), 3);
+        for entry in entries {
+            ledger.send(Message::Record(Box::new(entry), None));
+        }
+        faults.unlimited();
+        ledger.sync().await;
+        assert_eq!(ledger.written(), 3);
+        assert_eq!(grant_ids(dir.path()), ["g1", "g2", "g3"]);
     }
 
     #[tokio::test]
