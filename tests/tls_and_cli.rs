@@ -144,6 +144,44 @@ account = ""
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+
+    // Without the secrets in the environment: refused, naming each variable, unless the
+    // environment is not to be read.
+    let out = tollgate()
+        .args(["check-config", "config/tollgate.toml"])
+        .env_remove("TOLLGATE_OPENAI_KEY")
+        .env_remove("TOLLGATE_ANTHROPIC_KEY")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for var in [
+        "TOLLGATE_OPENAI_KEY",
+        "TOLLGATE_ANTHROPIC_KEY",
+        "TOLLGATE_ADMIN_TOKEN",
+    ] {
+        assert!(err.contains(var), "missing {var}: {err}");
+    }
+    let out = tollgate()
+        .args(["check-config", "--without-env", "config/tollgate.toml"])
+        .env_remove("TOLLGATE_OPENAI_KEY")
+        .env_remove("TOLLGATE_ANTHROPIC_KEY")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The file's own problems are still found.
+    let out = tollgate()
+        .args(["check-config", "--without-env"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
 }
 
 #[test]

@@ -57,7 +57,11 @@ impl WireUsage {
         let created = self.cache_creation_input_tokens.unwrap_or(0);
         // Saturating: the counts are the upstream's, and an absurd one must not wrap into a
         // small charge (or panic in a debug build).
-        Some((base.saturating_add(read).saturating_add(created), read, created))
+        Some((
+            base.saturating_add(read).saturating_add(created),
+            read,
+            created,
+        ))
     }
 
     fn normalise(&self) -> TokenUsage {
