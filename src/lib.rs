@@ -115,10 +115,14 @@ impl GatewayBuilder {
     /// Opens the journal, binds the listener and starts serving.
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
         let journal_config = self.config.journal.clone();
-        let (journal, recovery) =
-            SegmentJournal::open(&journal_config.dir, journal_config.segment_bytes).map_err(
-                |e| anyhow::anyhow!("journal.dir `{}`: {e}", journal_config.dir.display()),
-            )?;
+        let checkpoint = ledger::checkpoint::load(&journal_config.dir).map_err(|e| {
+            anyhow::anyhow!(
+                "journal checkpoint in `{}` is unreadable: {e}",
+                journal_config.dir.display()
+            )
+        })?;
+        let (journal, recovery, balances, shadow) =
+            open_and_recover(&self.config, &journal_config, checkpoint)?;
         if recovery.truncated_bytes > 0 || recovery.quarantined > 0 {
             tracing::warn!(
                 truncated_bytes = recovery.truncated_bytes,
@@ -143,14 +147,6 @@ impl GatewayBuilder {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let addr = server::local_addr(&listener)?;
-        let checkpoint = ledger::checkpoint::load(&journal_config.dir).map_err(|e| {
-            anyhow::anyhow!(
-                "journal checkpoint in `{}` is unreadable: {e}",
-                journal_config.dir.display()
-            )
-        })?;
-        let (balances, shadow) = recover_balances(&snapshot.config, checkpoint, &recovery.entries);
-        drop(recovery);
         let alerter = snapshot.config.alerts.signing_secret.clone().map(|secret| {
             let mut config = alert::AlerterConfig::new(secret);
             if let Some(n) = snapshot.config.alerts.max_attempts {
@@ -246,13 +242,19 @@ impl GatewayBuilder {
     }
 }
 
-/// Rebuilds balances from the last checkpoint and the journal entries after it, and returns
+/// Opens the journal and rebuilds balances from the last checkpoint and the journal entries
+/// after it, replayed as they are read (a long journal is never in memory whole). Also returns
 /// the journal writer's shadow copy (the same state, kept apart from the live one).
-fn recover_balances(
+fn open_and_recover(
     config: &Config,
+    journal_config: &config::JournalConfig,
     checkpoint: Option<ledger::checkpoint::Checkpoint>,
-    entries: &[(u64, ledger::LedgerEntry)],
-) -> (balance::Balances, balance::Balances) {
+) -> anyhow::Result<(
+    SegmentJournal,
+    ledger::journal::Recovery,
+    balance::Balances,
+    balance::Balances,
+)> {
     let now = chrono::Utc::now();
     let policy_for = |account: &str| {
         config
@@ -262,22 +264,22 @@ fn recover_balances(
             .unwrap_or_else(|| Arc::new(balance::AccountPolicy::unlimited(account)))
     };
     let (from, accounts) = checkpoint.map_or((0, Vec::new()), |c| (c.seq, c.accounts));
-    let build = || {
-        let balances = balance::Balances::import(&accounts);
-        for (seq, entry) in entries {
-            if *seq > from {
-                balances.apply_entry(entry, &policy_for, now);
-            }
-        }
-        balances
-    };
-    let live = build();
-    let shadow = build();
-    let replayed = entries.iter().filter(|(seq, _)| *seq > from).count();
-    if replayed > 0 || from > 0 {
+    let live = balance::Balances::import(&accounts);
+    let shadow = balance::Balances::import(&accounts);
+    let (journal, recovery) = SegmentJournal::open_replaying(
+        &journal_config.dir,
+        journal_config.segment_bytes,
+        from,
+        |_, entry| {
+            live.apply_entry(&entry, &policy_for, now);
+            shadow.apply_entry(&entry, &policy_for, now);
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("journal.dir `{}`: {e}", journal_config.dir.display()))?;
+    if recovery.replayed > 0 || from > 0 {
         tracing::info!(
             checkpoint_seq = from,
-            replayed,
+            replayed = recovery.replayed,
             "balances rebuilt from the journal"
         );
     }
@@ -289,7 +291,7 @@ fn recover_balances(
             }
         }
     }
-    (live, shadow)
+    Ok((journal, recovery, live, shadow))
 }
 
 /// A started gateway.

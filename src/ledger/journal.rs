@@ -85,8 +85,8 @@ pub trait Journal: Send {
 /// What opening the journal found.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    /// Every readable entry, in order, with its sequence number.
-    pub entries: Vec<(u64, LedgerEntry)>,
+    /// Entries handed to the replay (those after its sequence number).
+    pub replayed: u64,
     /// Bytes cut from a torn tail.
     pub truncated_bytes: u64,
     /// Frames (or segment rests) moved to `quarantine/`.
@@ -224,8 +224,20 @@ fn scan(
 }
 
 impl SegmentJournal {
-    /// Opens (creating) the journal in `dir`, recovering what is there.
+    /// Opens (creating) the journal in `dir`, recovering what is there, without replaying it.
     pub fn open(dir: &Path, segment_max_bytes: u64) -> io::Result<(SegmentJournal, Recovery)> {
+        Self::open_replaying(dir, segment_max_bytes, u64::MAX, |_, _| {})
+    }
+
+    /// Opens (creating) the journal in `dir`, recovering what is there, and hands each entry
+    /// after sequence number `after` to `replay`, in order, as it is read: one segment is in
+    /// memory at a time, however long the journal (entries up to `after` are not parsed).
+    pub fn open_replaying(
+        dir: &Path,
+        segment_max_bytes: u64,
+        after: u64,
+        mut replay: impl FnMut(u64, LedgerEntry),
+    ) -> io::Result<(SegmentJournal, Recovery)> {
         fs::create_dir_all(dir)?;
         // Segments whose creation was cut short (see `rotate`) never held an entry.
         for entry in fs::read_dir(dir)? {
@@ -264,20 +276,24 @@ impl SegmentJournal {
             let mut offset = SEGMENT_MAGIC.len();
             let mut skipped: Vec<std::ops::Range<usize>> = Vec::new();
             loop {
-                let (end, problem) = scan(
-                    &buf,
-                    offset,
-                    |seq, payload| match serde_json::from_slice::<LedgerEntry>(payload) {
-                        Ok(entry) if seq > last_seq => {
-                            last_seq = seq;
-                            recovery.entries.push((seq, entry));
+                let (end, problem) = scan(&buf, offset, |seq, payload| {
+                    if seq <= last_seq {
+                        tracing::error!(seq, "journal entry out of sequence; ignored");
+                    } else if seq <= after {
+                        last_seq = seq;
+                    } else {
+                        match serde_json::from_slice::<LedgerEntry>(payload) {
+                            Ok(entry) => {
+                                last_seq = seq;
+                                recovery.replayed += 1;
+                                replay(seq, entry);
+                            }
+                            Err(e) => {
+                                tracing::error!(seq, error = %e, "journal entry does not parse; ignored")
+                            }
                         }
-                        Ok(_) => tracing::error!(seq, "journal entry out of sequence; ignored"),
-                        Err(e) => {
-                            tracing::error!(seq, error = %e, "journal entry does not parse; ignored")
-                        }
-                    },
-                );
+                    }
+                });
                 offset = end;
                 let Some(problem) = problem else { break };
                 // A flipped byte: the length is sound and a good frame follows. Skip it.
@@ -669,6 +685,18 @@ pub(crate) mod tests {
         })
     }
 
+    /// Opens the journal and collects every entry (what the tests inspect).
+    pub(crate) fn open_collecting(
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> (SegmentJournal, Recovery, Vec<(u64, LedgerEntry)>) {
+        let mut entries = Vec::new();
+        let (j, recovery) =
+            SegmentJournal::open_replaying(dir, segment_bytes, 0, |seq, e| entries.push((seq, e)))
+                .unwrap();
+        (j, recovery, entries)
+    }
+
     /// A byte budget for a journal's writes: past it, a write stores what fits and fails.
     pub(crate) struct WriteFaults {
         budget: std::sync::atomic::AtomicUsize,
@@ -754,10 +782,10 @@ pub(crate) mod tests {
             j.sync().unwrap();
             drop(j);
 
-            let (j, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
+            let (j, recovery, entries) = open_collecting(dir.path(), 4096);
             let want: Vec<_> = (1..=70).map(|n| format!("g{n}")).collect();
             assert_eq!(ids(dir.path()), want, "budget {budget}");
-            let seqs: Vec<_> = recovery.entries.iter().map(|(seq, _)| *seq).collect();
+            let seqs: Vec<_> = entries.iter().map(|(seq, _)| *seq).collect();
             assert_eq!(seqs, (1..=70).collect::<Vec<_>>(), "budget {budget}");
             assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
             assert_eq!(j.last_seq(), 70);
@@ -802,8 +830,8 @@ pub(crate) mod tests {
             seen.extend(reader.read(1000).unwrap().iter().map(|e| e.0));
             assert_eq!(seen, (11..=40).collect::<Vec<_>>(), "extra {extra}");
             drop(j);
-            let (_, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
-            assert_eq!(recovery.entries.len(), 40, "extra {extra}");
+            let (_, _, entries) = open_collecting(dir.path(), 4096);
+            assert_eq!(entries.len(), 40, "extra {extra}");
             let names: Vec<_> = fs::read_dir(dir.path())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -835,14 +863,36 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), 50, 4096);
         assert!(segments(dir.path()).unwrap().len() > 1, "rotated");
-        let (mut j, rec) = SegmentJournal::open(dir.path(), 4096).unwrap();
-        assert_eq!(rec.entries.len(), 50);
+        let (mut j, rec, entries) = open_collecting(dir.path(), 4096);
+        assert_eq!(entries.len(), 50);
+        assert_eq!(rec.replayed, 50);
         assert_eq!(j.last_seq(), 50);
         j.append(&[grant(51)]).unwrap();
         j.sync().unwrap();
         let all = ids(dir.path());
         assert_eq!(all.len(), 51);
         assert_eq!(all[50], "g51");
+    }
+
+    #[test]
+    fn replay_hands_over_the_entries_after_a_sequence_number_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 50, 4096);
+        let mut seen = Vec::new();
+        let (j, rec) = SegmentJournal::open_replaying(dir.path(), 4096, 20, |seq, e| {
+            let LedgerEntry::Grant(g) = e else {
+                panic!("not a grant")
+            };
+            seen.push((seq, g.grant_id));
+        })
+        .unwrap();
+        let want: Vec<_> = (21..=50).map(|n| (n, format!("g{n}"))).collect();
+        assert_eq!(seen, want);
+        assert_eq!(rec.replayed, 30);
+        // The sequence continues after everything on disk, replayed or not.
+        assert_eq!(j.last_seq(), 50);
+        let (j, rec) = SegmentJournal::open(dir.path(), 4096).unwrap();
+        assert_eq!((j.last_seq(), rec.replayed), (50, 0));
     }
 
     #[test]
@@ -858,8 +908,8 @@ pub(crate) mod tests {
             .unwrap()
             .set_len(len - 20)
             .unwrap();
-        let (mut j, rec) = SegmentJournal::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(rec.entries.len(), 4);
+        let (mut j, rec, entries) = open_collecting(dir.path(), 1 << 20);
+        assert_eq!(entries.len(), 4);
         assert!(rec.truncated_bytes > 0);
         assert_eq!(j.last_seq(), 4);
         j.append(&[grant(99)]).unwrap();

@@ -1344,8 +1344,8 @@ mod tests {
             assert_eq!(ledger.shared.written.load(Ordering::Acquire), 100);
             let expected: Vec<String> = (1..=100).map(|n| format!("g{n}")).collect();
             assert_eq!(grant_ids(dir.path()), expected, "{fsync:?}");
-            let (_, recovery) = SegmentJournal::open(dir.path(), 4096).unwrap();
-            let seqs: Vec<u64> = recovery.entries.iter().map(|(seq, _)| *seq).collect();
+            let (_, recovery, entries) = journal::tests::open_collecting(dir.path(), 4096);
+            let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
             assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "{fsync:?}");
             assert_eq!((recovery.truncated_bytes, recovery.quarantined), (0, 0));
         }
