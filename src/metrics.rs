@@ -71,17 +71,29 @@ impl RefusalReason {
 }
 
 type RequestLabels = (Arc<str>, Arc<str>, &'static str, u16);
-type TokenLabels = (Arc<str>, &'static str);
+
+/// Token kinds (the `kind` label), in [`TokenCounts`] order.
+const TOKEN_KINDS: [&str; 4] = ["input", "output", "cached_input", "reasoning"];
+
+/// Tokens of one price-book entry, by kind (one lookup per request for all kinds).
+#[derive(Default)]
+struct TokenCounts([AtomicU64; TOKEN_KINDS.len()]);
+
+/// Latencies of one upstream (one lookup per request for both histograms).
+#[derive(Default)]
+struct UpstreamLatency {
+    ttfb: Histogram,
+    total: Histogram,
+}
 
 /// The gateway's counters.
 #[derive(Default)]
 pub struct Metrics {
     requests: DashMap<RequestLabels, AtomicU64>,
-    tokens: DashMap<TokenLabels, AtomicU64>,
+    tokens: DashMap<Arc<str>, TokenCounts>,
     spend_nanos: DashMap<(Arc<str>, Arc<str>), AtomicI64>,
     refusals: DashMap<RefusalReason, AtomicU64>,
-    ttfb: DashMap<Arc<str>, Histogram>,
-    total: DashMap<Arc<str>, Histogram>,
+    latency: DashMap<Arc<str>, UpstreamLatency>,
     estimated: AtomicU64,
 }
 
@@ -114,14 +126,23 @@ impl Metrics {
             1,
         );
         let u = &record.usage;
-        for (kind, n) in [
-            ("input", u.input_tokens),
-            ("output", u.output_tokens),
-            ("cached_input", u.cached_input_tokens),
-            ("reasoning", u.reasoning_tokens),
-        ] {
-            if n > 0 {
-                add(&self.tokens, &(price_label.clone(), kind), n);
+        let counts = [
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_input_tokens,
+            u.reasoning_tokens,
+        ];
+        if counts.iter().any(|&n| n > 0) {
+            let add_all = |c: &TokenCounts| {
+                for (cell, n) in c.0.iter().zip(counts) {
+                    if n > 0 {
+                        cell.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            };
+            match self.tokens.get(price_label) {
+                Some(c) => add_all(&c),
+                None => add_all(&self.tokens.entry(price_label.clone()).or_default()),
             }
         }
         if let Some(unit) = &record.unit
@@ -141,24 +162,18 @@ impl Metrics {
             }
         }
         if let Some(ttfb) = record.upstream_ttfb_us {
-            self.histogram(&self.ttfb, &record.upstream).observe(ttfb);
-            self.histogram(&self.total, &record.upstream)
-                .observe(record.upstream_total_us);
+            let observe = |l: &UpstreamLatency| {
+                l.ttfb.observe(ttfb);
+                l.total.observe(record.upstream_total_us);
+            };
+            match self.latency.get(&record.upstream) {
+                Some(l) => observe(&l),
+                None => observe(&self.latency.entry(record.upstream.clone()).or_default()),
+            }
         }
         if record.estimated {
             self.estimated.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    fn histogram<'a>(
-        &self,
-        map: &'a DashMap<Arc<str>, Histogram>,
-        upstream: &Arc<str>,
-    ) -> dashmap::mapref::one::Ref<'a, Arc<str>, Histogram> {
-        if let Some(h) = map.get(upstream) {
-            return h;
-        }
-        map.entry(upstream.clone()).or_default().downgrade()
     }
 
     pub fn refused(&self, reason: RefusalReason) {
@@ -181,13 +196,17 @@ impl Metrics {
         }
         out.push_str("# HELP tollgate_tokens_total Tokens by price-book entry and kind.\n# TYPE tollgate_tokens_total counter\n");
         for e in self.tokens.iter() {
-            let (model, kind) = e.key();
-            let _ = writeln!(
-                out,
-                "tollgate_tokens_total{{model=\"{}\",kind=\"{kind}\"}} {}",
-                escape(model),
-                e.value().load(Ordering::Relaxed)
-            );
+            let model = escape(e.key());
+            for (kind, cell) in TOKEN_KINDS.iter().zip(&e.value().0) {
+                // A kind appears once it has been counted (as when each had its own series).
+                let n = cell.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "tollgate_tokens_total{{model=\"{model}\",kind=\"{kind}\"}} {n}"
+                    );
+                }
+            }
         }
         out.push_str("# HELP tollgate_spend_total Charges by price-book entry, in each account unit.\n# TYPE tollgate_spend_total counter\n");
         for e in self.spend_nanos.iter() {
@@ -214,22 +233,23 @@ impl Metrics {
             "# HELP tollgate_estimated_records_total Records whose tokens were counted by the tokenizer fallback.\n# TYPE tollgate_estimated_records_total counter\ntollgate_estimated_records_total {}",
             self.estimated.load(Ordering::Relaxed)
         );
-        for (name, help, map) in [
+        type Pick = fn(&UpstreamLatency) -> &Histogram;
+        for (name, help, pick) in [
             (
                 "tollgate_upstream_ttfb_seconds",
                 "Request sent to response headers, by upstream.",
-                &self.ttfb,
+                (|l| &l.ttfb) as Pick,
             ),
             (
                 "tollgate_upstream_duration_seconds",
                 "Request sent to end of response, by upstream.",
-                &self.total,
+                (|l| &l.total) as Pick,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for e in map.iter() {
+            for e in self.latency.iter() {
                 let upstream = escape(e.key());
-                let h = e.value();
+                let h = pick(e.value());
                 // Count first: observations landing meanwhile never make a bucket exceed it.
                 let count = h.count.load(Ordering::Relaxed);
                 for (bound, n) in LATENCY_BUCKETS_S.iter().zip(h.cumulative()) {
@@ -276,7 +296,13 @@ mod tests {
             h.observe(us);
         }
         let metrics = Metrics::default();
-        metrics.ttfb.insert(Arc::from("up"), h);
+        metrics.latency.insert(
+            Arc::from("up"),
+            UpstreamLatency {
+                ttfb: h,
+                total: Histogram::default(),
+            },
+        );
         let text = metrics.render(&[]);
         let bucket = |le: &str| -> u64 {
             let prefix =
