@@ -509,6 +509,11 @@ impl ConfigError {
 /// Where provider credentials come from; tests pass a map instead of the process environment.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+    /// Whether every value is a stand-in (`check-config --without-env`): values are then
+    /// not checked for their format (e.g. a PostgreSQL URL), only for being set.
+    fn is_placeholder(&self) -> bool {
+        false
+    }
 }
 
 /// The process environment.

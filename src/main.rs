@@ -106,13 +106,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `check-config --without-env`: every variable is set, to a value that passes every check
-/// made of a secret (the admin token's minimum length included).
+/// `check-config --without-env`: every variable is set, to a stand-in long enough for the
+/// admin token's minimum length; formats (a PostgreSQL URL) are not checked.
 struct PlaceholderEnv;
 
 impl tollgate::config::Env for PlaceholderEnv {
     fn var(&self, _name: &str) -> Option<String> {
         Some("placeholder-for-check-config".into())
+    }
+
+    fn is_placeholder(&self) -> bool {
+        true
     }
 }
 

@@ -175,6 +175,25 @@ account = ""
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A value that must parse (a PostgreSQL URL) is not checked without the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let with_pg = dir.path().join("pg.toml");
+    let base = std::fs::read_to_string("config/tollgate.toml").unwrap();
+    std::fs::write(
+        &with_pg,
+        format!("{base}\n[[sinks]]\nkind = \"postgres\"\nurl_env = \"TOLLGATE_PG_URL\"\n"),
+    )
+    .unwrap();
+    let out = tollgate()
+        .args(["check-config", "--without-env"])
+        .arg(&with_pg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The file's own problems are still found.
     let out = tollgate()
         .args(["check-config", "--without-env"])

@@ -44,6 +44,7 @@ const MAX_FRAME_PAYLOAD: u32 = 16 * 1024 * 1024;
 const SEGMENT_SUFFIX: &str = ".seg";
 /// Extension of a segment being created (renamed to `.seg` once it holds its magic).
 const NEW_SEGMENT_EXTENSION: &str = "seg.new";
+const NEW_SEGMENT_SUFFIX: &str = ".seg.new";
 
 /// When the writer fsyncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +113,9 @@ pub struct SegmentJournal {
     /// A failed write could not be cut back (the truncate failed too); every operation tries
     /// again first.
     torn: bool,
+    /// The newest segment was renamed into place but the directory sync after it failed:
+    /// retried before anything is appended to it.
+    dir_unsynced: bool,
     /// Unit tests make writes fail part-way through this.
     #[cfg(test)]
     faults: Option<std::sync::Arc<tests::WriteFaults>>,
@@ -226,25 +230,39 @@ fn scan(
 impl SegmentJournal {
     /// Opens (creating) the journal in `dir`, recovering what is there, without replaying it.
     pub fn open(dir: &Path, segment_max_bytes: u64) -> io::Result<(SegmentJournal, Recovery)> {
-        Self::open_replaying(dir, segment_max_bytes, u64::MAX, |_, _| {})
+        Self::open_inner(dir, segment_max_bytes, None, |_, _| {})
     }
 
     /// Opens (creating) the journal in `dir`, recovering what is there, and hands each entry
-    /// after sequence number `after` to `replay`, in order, as it is read: one segment is in
-    /// memory at a time, however long the journal (entries up to `after` are not parsed).
+    /// after sequence number `after` (the checkpoint's) to `replay`, in order, as it is read:
+    /// one segment is in memory at a time, however long the journal (entries up to `after`
+    /// are not parsed). New entries are numbered after `after` even if the journal ends
+    /// before it (segments lost), so no number the checkpoint covers is handed out again.
     pub fn open_replaying(
         dir: &Path,
         segment_max_bytes: u64,
         after: u64,
+        replay: impl FnMut(u64, LedgerEntry),
+    ) -> io::Result<(SegmentJournal, Recovery)> {
+        Self::open_inner(dir, segment_max_bytes, Some(after), replay)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        segment_max_bytes: u64,
+        replay_after: Option<u64>,
         mut replay: impl FnMut(u64, LedgerEntry),
     ) -> io::Result<(SegmentJournal, Recovery)> {
+        let after = replay_after.unwrap_or(u64::MAX);
         fs::create_dir_all(dir)?;
         // Segments whose creation was cut short (see `rotate`) never held an entry.
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
-            if path
-                .to_str()
-                .is_some_and(|p| p.ends_with(NEW_SEGMENT_EXTENSION))
+            if path.is_file()
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(NEW_SEGMENT_SUFFIX))
             {
                 fs::remove_file(&path)?;
             }
@@ -348,6 +366,16 @@ impl SegmentJournal {
                 closed_bytes += buf.len() as u64;
             }
         }
+        if let Some(after) = replay_after
+            && after > last_seq
+        {
+            tracing::error!(
+                checkpoint_seq = after,
+                journal_last_seq = last_seq,
+                "the journal ends before its checkpoint (segments lost?); numbering continues after the checkpoint"
+            );
+            last_seq = after;
+        }
         let next_seq = last_seq + 1;
         // Append to the newest segment, or start one.
         let (path, size) = match segments(dir)?.last() {
@@ -382,6 +410,7 @@ impl SegmentJournal {
                 next_seq,
                 flushed: (size, next_seq),
                 torn: false,
+                dir_unsynced: false,
                 #[cfg(test)]
                 faults: None,
             },
@@ -410,9 +439,12 @@ impl SegmentJournal {
         self.file = file;
         self.segment_size = SEGMENT_MAGIC.len() as u64;
         self.flushed = (self.segment_size, self.next_seq);
-        // The segment exists from the rename on: a failed directory sync is reported (the
-        // caller retries the batch, in the new segment).
-        sync_dir(&self.dir)
+        // The segment exists from the rename on, but its name is durable only once the
+        // directory is synced: until then nothing is appended to it (see `guarded`).
+        self.dir_unsynced = true;
+        sync_dir(&self.dir)?;
+        self.dir_unsynced = false;
+        Ok(())
     }
 
     /// Writes the magic to `tmp`, syncs it and renames it to `path`.
@@ -487,6 +519,10 @@ impl SegmentJournal {
     fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
         if self.torn {
             self.cut_back()?;
+        }
+        if self.dir_unsynced {
+            sync_dir(&self.dir)?;
+            self.dir_unsynced = false;
         }
         let result = op(self);
         if result.is_err() {
@@ -893,6 +929,22 @@ pub(crate) mod tests {
         assert_eq!(j.last_seq(), 50);
         let (j, rec) = SegmentJournal::open(dir.path(), 4096).unwrap();
         assert_eq!((j.last_seq(), rec.replayed), (50, 0));
+    }
+
+    #[test]
+    fn numbering_continues_after_a_checkpoint_the_journal_falls_short_of() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 50, 1 << 20);
+        // A checkpoint at 60: entries 51..=60 were lost with the disk's cache.
+        let (mut j, _) =
+            SegmentJournal::open_replaying(dir.path(), 1 << 20, 60, |_, _| {}).unwrap();
+        assert_eq!(j.last_seq(), 60);
+        j.append(&[grant(100)]).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let mut seen = Vec::new();
+        SegmentJournal::open_replaying(dir.path(), 1 << 20, 60, |seq, _| seen.push(seq)).unwrap();
+        assert_eq!(seen, [61]);
     }
 
     #[test]

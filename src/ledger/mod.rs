@@ -947,11 +947,21 @@ fn write_loop(
             let _ = w.send(());
         }
         for reply in checkpoint_requests.drain(..) {
-            let st = lock(state);
-            let snapshot = st
-                .shadow
-                .as_ref()
-                .map(|sh| (st.journal.last_seq(), sh.balances.export()));
+            // A checkpoint covers only entries already on disk: were it ahead of the journal
+            // after a power loss, the journal would hand out its sequence numbers again.
+            // Synced under the lock, so nothing is appended between the sync and the export.
+            let mut st = lock(state);
+            let snapshot = match st.journal.sync() {
+                Ok(()) => {
+                    let seq = st.journal.last_seq();
+                    shared.synced_seq.fetch_max(seq, Ordering::AcqRel);
+                    st.shadow.as_ref().map(|sh| (seq, sh.balances.export()))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "journal sync for a checkpoint failed; checkpoint skipped");
+                    None
+                }
+            };
             drop(st);
             let _ = reply.send(snapshot);
         }
@@ -1371,6 +1381,32 @@ mod tests {
         ledger.sync().await;
         assert_eq!(ledger.written(), 3);
         assert_eq!(grant_ids(dir.path()), ["g1", "g2", "g3"]);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_covers_only_synced_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        // `Never`: nothing else would sync these entries.
+        let ledger = start(dir.path(), FsyncPolicy::Never);
+        ledger.install_shadow(Shadow {
+            balances: crate::balance::Balances::default(),
+            policies: Arc::new(|account: &str| {
+                Arc::new(crate::balance::AccountPolicy::unlimited(account))
+            }),
+        });
+        for n in 1..=5 {
+            ledger.submit(grant(n));
+        }
+        // Written, not synced (`wait_written` would sync).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ledger.written() < 5 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ledger.shared.synced_seq.load(Ordering::Acquire), 0);
+        let (seq, _) = ledger.checkpoint_state().await.unwrap();
+        assert_eq!(seq, 5);
+        assert!(ledger.shared.synced_seq.load(Ordering::Acquire) >= seq);
     }
 
     #[tokio::test]

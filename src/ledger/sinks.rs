@@ -106,6 +106,7 @@ pub fn validate(
             RawSinkConfig::Postgres { name, url_env } => {
                 let url = secret_from_env(&url_env, &format!("{at}.url_env"), env, problems);
                 if let Some(url) = &url
+                    && !env.is_placeholder()
                     && let Err(e) = parse_url(url.expose())
                 {
                     problems.push(format!("{at}.url_env: the value of `{url_env}` is {e}"));
