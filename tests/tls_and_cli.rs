@@ -115,11 +115,7 @@ account = ""
 "#,
     )
     .unwrap();
-    let out = tollgate()
-        .args(["check-config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_config(&[bad.as_os_str()], Secrets::Set);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -131,52 +127,22 @@ account = ""
         assert!(err.contains(needle), "missing {needle}: {err}");
     }
 
-    let out = tollgate()
-        .args(["check-config", "config/tollgate.toml"])
-        .env("TOLLGATE_OPENAI_KEY", "x")
-        .env("TOLLGATE_ANTHROPIC_KEY", "y")
-        .env("TOLLGATE_ADMIN_TOKEN", "an-admin-token-of-length")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let example = std::ffi::OsStr::new("config/tollgate.toml");
+    let out = check_config(&[example], Secrets::Set);
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
     // Without the secrets in the environment: refused, naming each variable, unless the
     // environment is not to be read.
-    let out = tollgate()
-        .args(["check-config", "config/tollgate.toml"])
-        .env_remove("TOLLGATE_OPENAI_KEY")
-        .env_remove("TOLLGATE_ANTHROPIC_KEY")
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
+    let out = check_config(&[example], Secrets::Unset);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    for var in [
-        "TOLLGATE_OPENAI_KEY",
-        "TOLLGATE_ANTHROPIC_KEY",
-        "TOLLGATE_ADMIN_TOKEN",
-    ] {
+    for (var, _) in EXAMPLE_SECRETS {
         assert!(err.contains(var), "missing {var}: {err}");
     }
-    let out = tollgate()
-        .args(["check-config", "--without-env", "config/tollgate.toml"])
-        .env_remove("TOLLGATE_OPENAI_KEY")
-        .env_remove("TOLLGATE_ANTHROPIC_KEY")
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let without_env = std::ffi::OsStr::new("--without-env");
+    assert_success(&check_config(&[without_env, example], Secrets::Unset));
     // A value that must parse (a PostgreSQL URL) is not checked without the environment.
-    let dir = tempfile::tempdir().unwrap();
     let with_pg = dir.path().join("pg.toml");
     let base = std::fs::read_to_string("config/tollgate.toml").unwrap();
     std::fs::write(
@@ -184,23 +150,46 @@ account = ""
         format!("{base}\n[[sinks]]\nkind = \"postgres\"\nurl_env = \"TOLLGATE_PG_URL\"\n"),
     )
     .unwrap();
-    let out = tollgate()
-        .args(["check-config", "--without-env"])
-        .arg(&with_pg)
-        .output()
-        .unwrap();
+    assert_success(&check_config(
+        &[without_env, with_pg.as_os_str()],
+        Secrets::Unset,
+    ));
+    // The file's own problems are still found.
+    let out = check_config(&[without_env, bad.as_os_str()], Secrets::Unset);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// The variables `config/tollgate.toml` reads its secrets from, with test values.
+const EXAMPLE_SECRETS: [(&str, &str); 3] = [
+    ("TOLLGATE_OPENAI_KEY", "x"),
+    ("TOLLGATE_ANTHROPIC_KEY", "y"),
+    ("TOLLGATE_ADMIN_TOKEN", "an-admin-token-of-length"),
+];
+
+enum Secrets {
+    Set,
+    Unset,
+}
+
+/// `tollgate check-config ARGS`, with the example config's secrets set or unset.
+fn check_config(args: &[&std::ffi::OsStr], secrets: Secrets) -> std::process::Output {
+    let mut cmd = tollgate();
+    cmd.arg("check-config").args(args);
+    for (var, value) in EXAMPLE_SECRETS {
+        match secrets {
+            Secrets::Set => cmd.env(var, value),
+            Secrets::Unset => cmd.env_remove(var),
+        };
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_success(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The file's own problems are still found.
-    let out = tollgate()
-        .args(["check-config", "--without-env"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
 }
 
 #[test]
