@@ -758,13 +758,13 @@ async fn split_json_upstream(
     (upstream, body, cut)
 }
 
-/// Sends a non-streaming chat request over a raw connection; returns the reader after the
+/// Sends a chat request with `body` over a raw connection; returns the reader after the
 /// response head, and the head.
 async fn raw_chat(
     gateway: std::net::SocketAddr,
+    body: &str,
 ) -> (tokio::io::BufReader<tokio::net::TcpStream>, String) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let body = chat("gpt-4o", 400, false).to_string();
     let mut client = tokio::net::TcpStream::connect(gateway).await.unwrap();
     client
         .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {ALICE}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
@@ -796,7 +796,8 @@ async fn a_json_body_arriving_in_parts_is_forwarded_as_it_comes_and_metered() {
     let (release, released) = tokio::sync::oneshot::channel();
     let (upstream, body, cut) = split_json_upstream(released, false).await;
     let (gateway, journal, _dir) = gateway_for(upstream).await;
-    let (mut reader, head) = raw_chat(gateway.addr()).await;
+    let (mut reader, head) =
+        raw_chat(gateway.addr(), &chat("gpt-4o", 400, false).to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -831,7 +832,8 @@ async fn a_json_body_cut_short_upstream_breaks_the_response_and_is_recorded_once
     let (upstream, body, cut) = split_json_upstream(released, true).await;
     release.send(()).unwrap();
     let (gateway, journal, _dir) = gateway_for(upstream).await;
-    let (mut reader, head) = raw_chat(gateway.addr()).await;
+    let (mut reader, head) =
+        raw_chat(gateway.addr(), &chat("gpt-4o", 400, false).to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut got = Vec::new();
     let _ = tokio::time::timeout(
@@ -887,7 +889,6 @@ async fn read_events<R: tokio::io::AsyncBufRead + Unpin>(
 /// first burst must arrive before the upstream sends the second.
 #[tokio::test]
 async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let event = |i: usize| {
         format!(
             "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}]}}\n\n"
@@ -905,22 +906,8 @@ async fn buffered_stream_events_are_coalesced_without_waiting_for_more() {
     let body = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
-    let mut client = tokio::net::TcpStream::connect(gateway.addr())
-        .await
-        .unwrap();
-    client
-        .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {ALICE}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
-        .await
-        .unwrap();
-    let mut reader = tokio::io::BufReader::new(client);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).await.unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
+    let (mut reader, head) = raw_chat(gateway.addr(), &body).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let first_chunks = read_events(&mut reader, first.concat()).await;
     release.send(()).unwrap();
     let rest_chunks = read_events(&mut reader, rest.concat()).await;

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Open-loop HTTP/1.1 load at a fixed rate, for latency measurements.
 #[derive(Parser, Debug)]
@@ -167,7 +169,7 @@ struct Run {
     arrivals: Arrivals,
     timeout: Duration,
     addr: SocketAddr,
-    rng: SplitMix,
+    rng: StdRng,
 }
 
 /// epoll token of the timer (connections use their index).
@@ -198,13 +200,13 @@ impl Run {
         watch(&epoll, timer.as_raw_fd(), TIMER_TOKEN, libc::EPOLL_CTL_ADD)?;
         // Per connection: the mean gap between its sends.
         let gap = Duration::from_secs_f64(args.connections as f64 / args.rate);
-        let mut rng = SplitMix(0x2545_f491_4f6c_dd1d);
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
         let conns = (0..args.connections)
             .map(|i| Conn {
                 stream: None,
                 next: start
                     + match args.arrivals {
-                        Arrivals::Poisson => gap.mul_f64(rng.exponential()),
+                        Arrivals::Poisson => gap.mul_f64(exponential(&mut rng)),
                         // Connection i starts i/C of a gap in: the sends interleave evenly.
                         Arrivals::Uniform => gap.mul_f64(i as f64 / args.connections as f64),
                     },
@@ -249,22 +251,21 @@ impl Run {
                     continue;
                 }
                 if next > now + COALESCE {
-                    earliest = Some(earliest.map_or(next, |e| e.min(next)));
+                    earliest = earlier(earliest, next);
                     continue;
                 }
                 if now - next > LATE {
                     tally.late_sends += 1;
                 }
                 self.conns[i].next += match self.arrivals {
-                    Arrivals::Poisson => self.gap.mul_f64(self.rng.exponential()),
+                    Arrivals::Poisson => self.gap.mul_f64(exponential(&mut self.rng)),
                     Arrivals::Uniform => self.gap,
                 };
-                let request = &requests[(self.rng.next() % requests.len() as u64) as usize];
+                let request = &requests[self.rng.random_range(0..requests.len())];
                 if self.send(i, request, tally)? {
                     busy = true;
                 } else if self.conns[i].next < self.end {
-                    earliest =
-                        Some(earliest.map_or(self.conns[i].next, |e| e.min(self.conns[i].next)));
+                    earliest = earlier(earliest, self.conns[i].next);
                 }
             }
             if !busy && earliest.is_none() {
@@ -616,24 +617,15 @@ fn report(all: &mut Tally, duration_us: u128) -> String {
     )
 }
 
-/// A small, fast generator for key choice and arrival gaps (no cryptographic use).
-struct SplitMix(u64);
+/// The earlier of `a` (when there is one) and `b`.
+fn earlier(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
 
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// An exponentially distributed sample with mean 1.
-    fn exponential(&mut self) -> f64 {
-        // 53 random bits in (0, 1].
-        let u = ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64;
-        -u.ln()
-    }
+/// An exponentially distributed sample with mean 1.
+fn exponential(rng: &mut StdRng) -> f64 {
+    // `random` is in [0, 1): 1 - it is in (0, 1], whose logarithm is finite.
+    -(1.0 - rng.random::<f64>()).ln()
 }
 
 /// Sleeps end within `ns` of their deadline instead of Linux's default 50 µs slack.
@@ -713,9 +705,9 @@ mod tests {
 
     #[test]
     fn exponential_gaps_average_one() {
-        let mut rng = SplitMix(7);
+        let mut rng = StdRng::seed_from_u64(7);
         let n = 100_000;
-        let mean = (0..n).map(|_| rng.exponential()).sum::<f64>() / f64::from(n);
+        let mean = (0..n).map(|_| exponential(&mut rng)).sum::<f64>() / f64::from(n);
         assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
     }
 }

@@ -42,9 +42,8 @@ const FRAME_HEADER: usize = 16;
 /// Largest payload accepted when reading; a longer length field is corruption.
 const MAX_FRAME_PAYLOAD: u32 = 16 * 1024 * 1024;
 const SEGMENT_SUFFIX: &str = ".seg";
-/// Extension of a segment being created (renamed to `.seg` once it holds its magic).
-const NEW_SEGMENT_EXTENSION: &str = "seg.new";
-const NEW_SEGMENT_SUFFIX: &str = ".seg.new";
+/// A segment being created has its final name plus this (see `rotate`).
+const CREATING_SUFFIX: &str = ".new";
 
 /// When the writer fsyncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,7 +261,8 @@ impl SegmentJournal {
                 && path
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(NEW_SEGMENT_SUFFIX))
+                    .and_then(|n| n.strip_suffix(CREATING_SUFFIX))
+                    .is_some_and(|n| n.ends_with(SEGMENT_SUFFIX))
             {
                 fs::remove_file(&path)?;
             }
@@ -427,7 +427,9 @@ impl SegmentJournal {
         self.write_pending()?;
         self.file.sync_data()?;
         let path = self.dir.join(segment_name(self.next_seq));
-        let tmp = path.with_extension(NEW_SEGMENT_EXTENSION);
+        let tmp = self
+            .dir
+            .join(format!("{}{CREATING_SUFFIX}", segment_name(self.next_seq)));
         let file = match self.create_segment(&tmp, &path) {
             Ok(file) => file,
             Err(e) => {
@@ -929,6 +931,22 @@ pub(crate) mod tests {
         assert_eq!(j.last_seq(), 50);
         let (j, rec) = SegmentJournal::open(dir.path(), 4096).unwrap();
         assert_eq!((j.last_seq(), rec.replayed), (50, 0));
+    }
+
+    #[test]
+    fn a_segment_left_half_created_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let half = dir
+            .path()
+            .join(format!("{}{CREATING_SUFFIX}", segment_name(6)));
+        fs::write(&half, &SEGMENT_MAGIC[..3]).unwrap();
+        let other = dir.path().join("notes.new");
+        fs::write(&other, b"not ours").unwrap();
+        let (j, _) = SegmentJournal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(j.last_seq(), 5);
+        assert!(!half.exists());
+        assert!(other.exists(), "only segments being created are removed");
     }
 
     #[test]
