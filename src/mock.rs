@@ -110,6 +110,8 @@ pub struct MockConfig {
 pub struct MockTls {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// Offer HTTP/2 by ALPN besides HTTP/1.1.
+    pub offer_h2: bool,
 }
 
 impl Default for MockConfig {
@@ -251,7 +253,11 @@ fn tls_acceptor(tls: &MockTls) -> io::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if tls.offer_h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -1667,6 +1673,7 @@ mod tests {
             tls: Some(MockTls {
                 cert_pem: cert.cert.pem().into_bytes(),
                 key_pem: cert.key_pair.serialize_pem().into_bytes(),
+                offer_h2: true,
             }),
             ..MockConfig::default()
         };

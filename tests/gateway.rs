@@ -781,6 +781,10 @@ async fn raw_chat(
         .await
         .expect("no response head")
         .unwrap();
+        assert!(
+            head.len() > before,
+            "the connection closed before the response head ended: {head:?}"
+        );
         if &head[before..] == "\r\n" {
             return (reader, head);
         }

@@ -12,6 +12,17 @@ use tollgate::mock::{MockConfig, MockServer, MockTls};
 
 #[tokio::test]
 async fn https_upstream_with_private_ca_and_connection_reuse() {
+    https_upstream(true).await;
+}
+
+/// The same over HTTP/1.1 (the upstream offers no HTTP/2): tollgate's own HTTP/1.1 client
+/// over TLS, one connection for all three requests.
+#[tokio::test]
+async fn https_upstream_over_http1_reuses_its_connection() {
+    https_upstream(false).await;
+}
+
+async fn https_upstream(offer_h2: bool) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let mock = MockServer::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -21,6 +32,7 @@ async fn https_upstream_with_private_ca_and_connection_reuse() {
             tls: Some(MockTls {
                 cert_pem: cert.cert.pem().into_bytes(),
                 key_pem: cert.key_pair.serialize_pem().into_bytes(),
+                offer_h2,
             }),
             record_requests: true,
         },
@@ -67,12 +79,13 @@ async fn https_upstream_with_private_ca_and_connection_reuse() {
             .all(|r| r.usage.input_tokens == 3 && r.usage.output_tokens == 2)
     );
     assert_eq!(mock.request_count(), 3);
-    // ALPN picked HTTP/2, and the three requests shared one connection.
-    assert!(
-        mock.received()
-            .iter()
-            .all(|r| r.version == http::Version::HTTP_2)
-    );
+    // ALPN picked HTTP/2 when offered, and the three requests shared one connection.
+    let version = if offer_h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    assert!(mock.received().iter().all(|r| r.version == version));
     assert_eq!(mock.connection_count(), 1);
 
     // Without the CA file the same upstream is refused (system roots do not trust it): 502.

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading TLS certificate {}", cert.display()))?,
             key_pem: std::fs::read(key)
                 .with_context(|| format!("reading TLS key {}", key.display()))?,
+            offer_h2: true,
         }),
         _ => None,
     };

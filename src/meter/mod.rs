@@ -942,11 +942,16 @@ where
                     match event {
                         Some(event) => this.trailer = Some(event),
                         None => {
+                            this.stashed_error = Some(e);
                             if let Some(a) = acc.take() {
-                                this.stashed_error = Some(e);
                                 return Poll::Ready(Some(Ok(Frame::data(a.freeze()))));
                             }
-                            return Poll::Ready(Some(Err(e)));
+                            // Reported on the next poll: the server flushes what it holds
+                            // (the head, the data before the break) while the body is
+                            // pending, and drops it when the body fails. An upstream read
+                            // inline can fail in the very poll after its last data.
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
                         }
                     }
                 }

@@ -25,7 +25,7 @@ use crate::balance::throttle::KeyThrottle;
 use crate::balance::{AccountState, Balances, Refusal};
 use crate::config::Dialect;
 use crate::error::GatewayError;
-use crate::http_client::PooledBody;
+use crate::http_client::{UpstreamBody, UpstreamError};
 use crate::ledger::{Dimensions, Ledger, Outcome};
 use crate::meter::{AlertRoute, Billing, Meter, MeterStart, MeteredBody, estimate_prompt};
 use crate::metrics::{Metrics, RefusalReason};
@@ -82,8 +82,8 @@ pub enum GatewayBody {
     /// kilobyte, which the response would otherwise be copied with at each move through the
     /// server (one allocation costs less).
     Metered(
-        Box<MeteredBody<PooledBody>>,
-        Option<Result<Frame<Bytes>, hyper::Error>>,
+        Box<MeteredBody<UpstreamBody>>,
+        Option<Result<Frame<Bytes>, UpstreamError>>,
     ),
 }
 
@@ -95,12 +95,12 @@ impl GatewayBody {
 
 impl Body for GatewayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         match self.get_mut() {
             GatewayBody::Full(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
@@ -258,27 +258,26 @@ impl Gateway {
         drop(snapshot);
 
         let timeout = upstream.config.timeout;
-        let (response, checkin) =
-            match tokio::time::timeout(timeout, upstream.client.send(upstream_req)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => {
-                    meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
-                    return Err(GatewayError::UpstreamUnreachable {
-                        upstream: upstream.name.to_string(),
-                        reason: crate::http_client::error_chain(&*e),
-                    });
-                }
-                Err(_) => {
-                    meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
-                    return Err(GatewayError::UpstreamTimeout {
-                        upstream: upstream.name.to_string(),
-                        timeout_ms: timeout.as_millis(),
-                    });
-                }
-            };
+        let response = match tokio::time::timeout(timeout, upstream.client.send(upstream_req)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                meter.on_no_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamUnreachable);
+                return Err(GatewayError::UpstreamUnreachable {
+                    upstream: upstream.name.to_string(),
+                    reason: crate::http_client::error_chain(&*e),
+                });
+            }
+            Err(_) => {
+                meter.on_no_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamTimeout);
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: upstream.name.to_string(),
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+        };
 
         let (mut head, body) = response.into_parts();
-        let body = PooledBody::new(body, checkin);
         let is_event_stream = head
             .headers
             .get(header::CONTENT_TYPE)
@@ -689,7 +688,7 @@ fn build_upstream_request(
     upstream: &Upstream,
     body: Bytes,
     endpoint: Endpoint,
-) -> Result<Request<Full<Bytes>>, GatewayError> {
+) -> Result<Request<Bytes>, GatewayError> {
     // Origin form (path and query); the pool adds what the connection's protocol needs.
     let path_and_query = parts.uri.path_and_query();
     let uri = match (upstream.path_prefix.is_empty(), path_and_query) {
@@ -718,7 +717,7 @@ fn build_upstream_request(
     if let Some((name, value)) = &upstream.credential {
         headers.insert(name.clone(), value.clone());
     }
-    let mut req = Request::new(Full::new(body));
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;

@@ -1,7 +1,10 @@
 //! The one way tollgate connects out over HTTP(S): hyper-rustls with the ring provider, the
 //! system trust roots (loaded once per process) plus an optional PEM CA file, HTTP/1.1 and
 //! HTTP/2 by ALPN, TCP_NODELAY. Alert webhooks and CloudEvents sinks use hyper-util's pooled
-//! client ([`build`]); the request path uses an [`OriginPool`] per upstream.
+//! client ([`build`]); the request path uses an [`OriginPool`] per upstream, which speaks
+//! HTTP/1.1 itself ([`h1`]) and HTTP/2 through hyper.
+
+mod h1;
 
 use std::io::BufReader;
 use std::path::Path;
@@ -12,14 +15,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
-use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower_service::Service as _;
 
 /// A pooled HTTP(S) client sending buffered bodies.
@@ -117,13 +119,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Connections to one upstream origin, for the request path: hyper's connection API under a
-/// small pool of its own, instead of hyper-util's general-purpose client (which hashes the
-/// origin into a shared map, boxes futures, and spawns a task per request to return the
-/// connection). HTTP/1.1 connections are reused most-recent-first and come back once their
-/// response body has been read to the end ([`PooledBody`]); an HTTP/2 connection (when ALPN
-/// picks it) is shared by all requests. A request that a pooled connection could not take
-/// (it had closed) is retried on another one.
+/// Connections to one upstream origin, for the request path. HTTP/1.1 connections are
+/// driven by the request's own task ([`h1`]): lent to one request at a time, reused
+/// most-recent-first, and given back once their response body has been read to the end. An
+/// HTTP/2 connection (when ALPN picks it) runs under hyper and is shared by all requests. A
+/// request that an idle connection could not take (it had closed meanwhile, and the request
+/// could not be written) is retried on another one.
 pub struct OriginPool {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority`, what the connector dials.
@@ -139,7 +140,7 @@ pub struct OriginPool {
 }
 
 struct IdleConn {
-    tx: http1::SendRequest<Full<Bytes>>,
+    conn: Box<h1::Connection>,
     since: Instant,
 }
 
@@ -147,8 +148,22 @@ struct IdleConn {
 pub type PoolError = Box<dyn std::error::Error + Send + Sync>;
 
 enum Conn {
-    H1(http1::SendRequest<Full<Bytes>>),
+    H1(Box<h1::Connection>),
     H2(http2::SendRequest<Full<Bytes>>),
+}
+
+/// Why an upstream exchange or response body failed after the connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("upstream closed the connection {0}")]
+    Closed(&'static str),
+    #[error("malformed response from upstream: {0}")]
+    Malformed(String),
+    /// From the HTTP/2 connection.
+    #[error(transparent)]
+    Http2(#[from] hyper::Error),
 }
 
 impl OriginPool {
@@ -171,37 +186,30 @@ impl OriginPool {
         }))
     }
 
-    /// Sends `req` (its URI in origin form: path and query) to the origin. The body of the
-    /// response must be wrapped in [`PooledBody`] with the returned checkin, so that an
-    /// HTTP/1.1 connection is reused once the body is read.
+    /// Sends `req` (its URI in origin form: path and query) to the origin and returns the
+    /// response once its head has arrived; the body is read as it is polled.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), PoolError> {
+        req: Request<Bytes>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
         if let Some(tx) = self.shared_h2() {
             return self.send_h2(tx, req).await;
         }
-        while let Some(mut tx) = self.checkout() {
-            if tx.ready().await.is_err() {
-                continue; // closed while idle
-            }
-            self.prepare_h1(&mut req);
-            match tx.try_send_request(req).await {
-                Ok(response) => return Ok((response, Some(self.checkin(tx)))),
-                Err(mut e) => match e.take_message() {
-                    // Never sent: the connection went away first. Try another.
-                    Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
-                },
+        let head_request = req.method() == http::Method::HEAD;
+        let encoded = h1::encode_request(&req, &self.host);
+        while let Some(mut conn) = self.checkout() {
+            // A write that fails on an idle connection means it closed before the whole
+            // request was out: the origin cannot have acted on it. Try another.
+            if conn.write_request(&encoded, &req).await.is_ok() {
+                return Ok(h1::read_response(self, conn, head_request).await?);
             }
         }
         // Boxed: connecting (TCP, TLS, handshakes) is rare, and its future is large; unboxed,
         // it would make every request's future as large, and that is copied when moved.
         match Box::pin(self.connect()).await? {
-            Conn::H1(mut tx) => {
-                self.prepare_h1(&mut req);
-                let response = tx.send_request(req).await?;
-                Ok((response, Some(self.checkin(tx))))
+            Conn::H1(mut conn) => {
+                conn.write_request(&encoded, &req).await?;
+                Ok(h1::read_response(self, conn, head_request).await?)
             }
             Conn::H2(tx) => self.send_h2(tx, req).await,
         }
@@ -210,19 +218,14 @@ impl OriginPool {
     async fn send_h2(
         &self,
         mut tx: http2::SendRequest<Full<Bytes>>,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), PoolError> {
+        req: Request<Bytes>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let mut req = req.map(Full::new);
         let mut parts = http::uri::Parts::from(self.origin.clone());
         parts.path_and_query = req.uri().path_and_query().cloned();
         *req.uri_mut() = Uri::from_parts(parts)?;
         tx.ready().await?;
-        Ok((tx.send_request(req).await?, None))
-    }
-
-    fn prepare_h1(&self, req: &mut Request<Full<Bytes>>) {
-        req.headers_mut()
-            .entry(http::header::HOST)
-            .or_insert_with(|| self.host.clone());
+        Ok(tx.send_request(req).await?.map(UpstreamBody::H2))
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
@@ -236,39 +239,32 @@ impl OriginPool {
         Some((**tx).clone())
     }
 
-    /// The most recently used idle HTTP/1.1 connection that is still open and fresh.
-    fn checkout(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let mut idle = crate::lock(&self.idle);
-        while let Some(conn) = idle.pop() {
-            if !conn.tx.is_closed() && conn.since.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(conn.tx);
+    /// The most recently used idle HTTP/1.1 connection that is still open and fresh. Each is
+    /// probed outside the lock.
+    fn checkout(&self) -> Option<Box<h1::Connection>> {
+        loop {
+            let mut idle = crate::lock(&self.idle).pop()?;
+            if idle.since.elapsed() < POOL_IDLE_TIMEOUT && idle.conn.is_idle_open() {
+                return Some(idle.conn);
             }
         }
-        None
     }
 
-    fn checkin(self: &Arc<Self>, tx: http1::SendRequest<Full<Bytes>>) -> Checkin {
-        Checkin {
-            pool: self.clone(),
-            tx,
-        }
-    }
-
-    fn give_back(&self, tx: http1::SendRequest<Full<Bytes>>) {
-        if tx.is_closed() || self.max_idle == 0 {
+    fn give_back(&self, conn: Box<h1::Connection>) {
+        if self.max_idle == 0 {
             return;
         }
         let now = Instant::now();
         let mut idle = crate::lock(&self.idle);
         let stale = idle
             .iter()
-            .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT || c.tx.is_closed())
+            .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT)
             .count();
         idle.drain(..stale);
         if idle.len() >= self.max_idle {
             idle.remove(0);
         }
-        idle.push(IdleConn { tx, since: now });
+        idle.push(IdleConn { conn, since: now });
     }
 
     async fn connect(&self) -> Result<Conn, PoolError> {
@@ -288,70 +284,45 @@ impl OriginPool {
             self.h2.store(Some(Arc::new(tx.clone())));
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) = http1::handshake(io).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
-            Ok(Conn::H1(tx))
+            Ok(Conn::H1(h1::Connection::new(TokioIo::new(io))))
         }
     }
 }
 
-/// An HTTP/1.1 connection lent to one response, given back by [`PooledBody`] at its end.
-pub struct Checkin {
-    pool: Arc<OriginPool>,
-    tx: http1::SendRequest<Full<Bytes>>,
+/// An upstream response body: read off an HTTP/1.1 connection by the request's task (which
+/// gives the connection back to the pool at the body's end), or an HTTP/2 stream.
+pub enum UpstreamBody {
+    H1(h1::H1Body),
+    H2(Incoming),
 }
 
-/// An upstream response body that gives its connection back to the pool once read to the
-/// end. Dropped earlier (client gone, error), the connection is dropped with it: hyper then
-/// closes it rather than reuse one with a response half read.
-pub struct PooledBody {
-    inner: Incoming,
-    checkin: Option<Checkin>,
-}
-
-impl PooledBody {
-    pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
-        let mut body = Self { inner, checkin };
-        if body.inner.is_end_stream() {
-            body.give_back(); // nothing to read (e.g. 204): the server may never poll it
-        }
-        body
-    }
-
-    fn give_back(&mut self) {
-        if let Some(Checkin { pool, tx }) = self.checkin.take() {
-            pool.give_back(tx);
-        }
-    }
-}
-
-impl http_body::Body for PooledBody {
+impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let polled = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
-        match &polled {
-            None => self.give_back(),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
-            Some(Ok(_)) => {}
-            Some(Err(_)) => self.checkin = None,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, UpstreamError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => body.poll_frame(cx),
+            UpstreamBody::H2(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map_err(UpstreamError::Http2),
         }
-        std::task::Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
+        }
     }
 }
