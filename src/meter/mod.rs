@@ -269,10 +269,10 @@ fn unpriced_label() -> Arc<str> {
 /// Most bytes coalesced into one client frame from chunks already waiting upstream.
 const COALESCE_BYTES: usize = 16 * 1024;
 
-/// Yields in a row without new data after which coalesced data is sent. One is not enough:
-/// hyper's client connection task delivers the next buffered chunk only on the second pass
-/// of the scheduler after the previous one is taken (measured: with one, no two events were
-/// ever coalesced; with two, a burst of 50 goes out in a few writes).
+/// Yields in a row without new data after which coalesced data is sent. Each yield lets the
+/// runtime poll for I/O once; over HTTP/2, hyper's connection task also needs a scheduler pass
+/// to hand over the next chunk it has read (with one yield, no two events were ever coalesced
+/// there; with two, a burst of 50 goes out in a few writes).
 const COALESCE_YIELDS: u8 = 2;
 
 /// Output tokens added to a stream's reservation each time it runs past it.
@@ -837,9 +837,10 @@ where
             return Poll::Ready(Some(Ok(Frame::trailers(t))));
         }
         // Chunks already waiting upstream are coalesced into one frame: one write to the
-        // client instead of one per event. The upstream connection's task hands its body over
-        // one chunk at a time, so when it has none ready the body yields (wakes itself and
-        // returns Pending) to let that task decode what it has already read, and sends what it
+        // client instead of one per event. When the upstream body has nothing more ready, the
+        // body yields (returns Pending, to be woken once the runtime has next polled for I/O,
+        // which is when events that arrived meanwhile become readable; over HTTP/2 it also
+        // lets hyper's connection task decode what it has already read), and sends what it
         // holds once COALESCE_YIELDS yields in a row brought nothing new. Nothing waits for
         // the network: a yield costs a pass of the scheduler, a write per event costs a
         // syscall and a wake-up of the reader.
@@ -867,7 +868,9 @@ where
                         Some(acc) if this.idle_yields < COALESCE_YIELDS => {
                             this.idle_yields += 1;
                             this.coalescing = Some(acc);
-                            cx.waker().wake_by_ref();
+                            // tokio's yield defers the wake-up until after the I/O poll (a
+                            // plain self-wake would run again before it, to find nothing new).
+                            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                             Poll::Pending
                         }
                         Some(acc) => Poll::Ready(Some(Ok(Frame::data(acc.freeze())))),
