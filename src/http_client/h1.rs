@@ -20,7 +20,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{OriginPool, UpstreamBody, UpstreamError};
@@ -105,17 +105,83 @@ impl Connection {
     }
 
     /// Writes an encoded request ([`encode_request`]) and, when it was too large to copy into
-    /// the head, the body after it.
+    /// the head, the body after it. Whenever a write waits or fails, what the origin sent is
+    /// read: an origin may answer before it has the whole request (an early 413 or 401) and
+    /// stop reading it, and that answer is the response. Returns whether the whole request
+    /// went out; when not, the rest is not sent and the connection is not reused.
     pub(super) async fn write_request(
         &mut self,
         encoded: &[u8],
         req: &Request<Bytes>,
-    ) -> io::Result<()> {
-        self.io.write_all(encoded).await?;
-        if req.body().len() > COPY_BODY_BYTES {
-            self.io.write_all(req.body()).await?;
+    ) -> io::Result<bool> {
+        let body: &[u8] = if req.body().len() > COPY_BODY_BYTES {
+            req.body()
+        } else {
+            &[]
+        };
+        let mut written = 0;
+        std::future::poll_fn(|cx| {
+            loop {
+                let rest = match encoded.get(written..) {
+                    Some(rest) if !rest.is_empty() => rest,
+                    _ => &body[written - encoded.len()..],
+                };
+                let polled = if rest.is_empty() {
+                    Pin::new(&mut self.io).poll_flush(cx).map_ok(|()| 0)
+                } else {
+                    Pin::new(&mut self.io).poll_write(cx, rest)
+                };
+                let failed = match polled {
+                    Poll::Ready(Ok(0)) if rest.is_empty() => return Poll::Ready(Ok(true)),
+                    Poll::Ready(Ok(0)) => Some(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => Some(e),
+                    Poll::Pending => None,
+                };
+                return match (self.poll_answered(cx), failed) {
+                    (Poll::Ready(Ok(())), _) => Poll::Ready(Ok(false)),
+                    (_, Some(e)) | (Poll::Ready(Err(e)), None) => Poll::Ready(Err(e)),
+                    (Poll::Pending, None) => Poll::Pending,
+                };
+            }
+        })
+        .await
+    }
+
+    /// Whether the origin has started its final response (interim ones are skipped); an
+    /// error when it closed the connection without one.
+    fn poll_answered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            match parsed.parse(self.buffered()) {
+                Ok(httparse::Status::Complete(len))
+                    if parsed
+                        .code
+                        .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+                {
+                    self.consume(len);
+                    continue;
+                }
+                Ok(httparse::Status::Partial) => {}
+                // A final head, or something read_head will report.
+                _ => return Poll::Ready(Ok(())),
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if self.start == self.end => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection before the request was written",
+                    )));
+                }
+                Ok(0) => return Poll::Ready(Ok(())),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(io::Error::other(e))),
+            }
         }
-        self.io.flush().await
     }
 
     /// Reads the response head, skipping interim (1xx) responses.
@@ -238,13 +304,17 @@ fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 
 /// Reads the response to the request just written on `conn`. `head_request`: the request was
 /// `HEAD`, so the response has no body whatever its headers say.
+/// `whole`: the whole request went out ([`Connection::write_request`]); when not, the
+/// connection is not reused.
 pub(super) async fn read_response(
     pool: &Arc<OriginPool>,
     mut conn: Box<Connection>,
     head_request: bool,
+    whole: bool,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let head = conn.read_head().await?;
     let (framing, keep_alive) = framing(&head, head_request)?;
+    let keep_alive = keep_alive && whole;
     let body = H1Body::new(conn, pool.clone(), framing, keep_alive);
     let mut response = Response::new(UpstreamBody::H1(body));
     *response.status_mut() = head.status;
@@ -533,7 +603,7 @@ mod tests {
 
     use http_body_util::BodyExt;
     use proptest::prelude::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -1048,5 +1118,164 @@ mod tests {
             e.to_string(),
             "malformed response from upstream: response head or line longer than 64 KiB"
         );
+    }
+
+    /// An origin running `handle` on each connection it accepts, with the connection's number
+    /// (from 0).
+    async fn serve<F, Fut>(handle: F) -> Arc<OriginPool>
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(handle(conn, n));
+            }
+        });
+        OriginPool::new(
+            &format!("http://{addr}"),
+            &ClientOptions {
+                ca_file: None,
+                connect_timeout: Duration::from_secs(2),
+                pool_max_idle_per_host: 8,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Reads up to the end of a request head; returns how many body bytes came with it and the
+    /// request's content-length.
+    async fn read_head_only(conn: &mut TcpStream) -> Option<(usize, usize)> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length = head.split("content-length: ").nth(1)?;
+                let length = length.lines().next()?.parse().ok()?;
+                return Some((got.len() - end - 4, length));
+            }
+            let n = conn.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// An origin may answer a large request before reading all of it (hyper's client takes
+    /// that answer too): whether it then closes (the unread bytes reset the connection) or
+    /// holds the connection without reading, the answer is the response, and the connection
+    /// is not reused. An interim 100 Continue is no such answer: the body still goes out.
+    #[tokio::test]
+    async fn an_answer_before_the_whole_request_is_the_response() {
+        const REFUSAL: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig";
+        let pool = serve(|mut conn, n| async move {
+            match n {
+                0 | 1 => {
+                    read_head_only(&mut conn).await;
+                    conn.write_all(REFUSAL).await.unwrap();
+                    if n == 1 {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                }
+                _ => {
+                    while let Some((mut read, length)) = read_head_only(&mut conn).await {
+                        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let mut buf = vec![0; 1 << 16];
+                        while read < length {
+                            read += conn.read(&mut buf).await.unwrap();
+                        }
+                        let reply: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        conn.write_all(reply).await.unwrap();
+                    }
+                }
+            }
+        })
+        .await;
+        let large = Bytes::from(vec![b'x'; 32 << 20]);
+        for expected in [
+            (413, &b"big"[..]),
+            (413, b"big"),
+            (200, b"ok"),
+            (200, b"ok"),
+        ] {
+            let (status, body) = tokio::time::timeout(
+                Duration::from_secs(10),
+                exchange(&pool, post("/", large.clone())),
+            )
+            .await
+            .expect("no response")
+            .map_err(|e| crate::http_client::error_chain(&*e))
+            .unwrap();
+            assert_eq!((status, &body[..]), expected);
+        }
+    }
+
+    /// Bytes behind a response's end (a second response nobody asked for) never answer the
+    /// next request: the connection they came on is not reused.
+    #[tokio::test]
+    async fn bytes_after_a_response_are_not_taken_for_the_next_one() {
+        let origin = Origin::start(vec![
+            Reply::Send(vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil",
+            ]),
+            Reply::Send(vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil",
+            ]),
+            Reply::Send(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood"]),
+        ])
+        .await;
+        let pool = origin.pool();
+        for expected in [&b"ok"[..], b"ok", b"good"] {
+            let (_, body) = exchange(&pool, post("/", "")).await.unwrap();
+            assert_eq!(body, expected);
+        }
+        assert_eq!(origin.accepted(), 3);
+    }
+
+    /// Bodies many times the read buffer, chunked (sizes, long chunk extensions and the
+    /// pieces they arrive in drawn at random) and with a length, come through whole on one
+    /// connection.
+    #[tokio::test]
+    async fn bodies_larger_than_the_read_buffer_come_whole() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let data: Vec<u8> = (0..300_000).map(|_| rng.random()).collect();
+        let mut chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for c in data.chunks(rng.random_range(1000..40_000)) {
+            let ext = "e".repeat(rng.random_range(0..3000));
+            chunked.extend_from_slice(format!("{:x};x=\"{ext}\"\r\n", c.len()).as_bytes());
+            chunked.extend_from_slice(c);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\nx-t: 1\r\n\r\n");
+        let mut length =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", data.len()).into_bytes();
+        length.extend_from_slice(&data);
+        let mut script = Vec::new();
+        for response in [&chunked, &length, &chunked] {
+            let mut pieces: Vec<&'static [u8]> = Vec::new();
+            let mut at = 0;
+            while at < response.len() {
+                let n = rng.random_range(1..20_000).min(response.len() - at);
+                pieces.push(response[at..at + n].to_vec().leak());
+                at += n;
+            }
+            script.push(Reply::Send(pieces));
+        }
+        let origin = Origin::start(script).await;
+        let pool = origin.pool();
+        for _ in 0..3 {
+            let (_, body) = exchange(&pool, post("/", "")).await.unwrap();
+            assert!(body == data);
+        }
+        assert_eq!(origin.accepted(), 1);
     }
 }

@@ -200,16 +200,16 @@ impl OriginPool {
         while let Some(mut conn) = self.checkout() {
             // A write that fails on an idle connection means it closed before the whole
             // request was out: the origin cannot have acted on it. Try another.
-            if conn.write_request(&encoded, &req).await.is_ok() {
-                return Ok(h1::read_response(self, conn, head_request).await?);
+            if let Ok(whole) = conn.write_request(&encoded, &req).await {
+                return Ok(h1::read_response(self, conn, head_request, whole).await?);
             }
         }
         // Boxed: connecting (TCP, TLS, handshakes) is rare, and its future is large; unboxed,
         // it would make every request's future as large, and that is copied when moved.
         match Box::pin(self.connect()).await? {
             Conn::H1(mut conn) => {
-                conn.write_request(&encoded, &req).await?;
-                Ok(h1::read_response(self, conn, head_request).await?)
+                let whole = conn.write_request(&encoded, &req).await?;
+                Ok(h1::read_response(self, conn, head_request, whole).await?)
             }
             Conn::H2(tx) => self.send_h2(tx, req).await,
         }
