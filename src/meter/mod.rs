@@ -968,7 +968,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.trailer.is_none() && self.journaled.is_none()
+        // Not while an error or trailers wait to be reported: the server would end the
+        // response cleanly after the data before them.
+        self.ended
+            && self.trailer.is_none()
+            && self.journaled.is_none()
+            && self.stashed_error.is_none()
+            && self.stashed_trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
