@@ -878,15 +878,7 @@ mod tests {
         }
 
         fn pool(&self) -> Arc<OriginPool> {
-            OriginPool::new(
-                &format!("http://{}", self.addr),
-                &ClientOptions {
-                    ca_file: None,
-                    connect_timeout: Duration::from_secs(2),
-                    pool_max_idle_per_host: 8,
-                },
-            )
-            .unwrap()
+            pool_for(self.addr)
         }
 
         fn accepted(&self) -> usize {
@@ -894,31 +886,40 @@ mod tests {
         }
     }
 
+    /// Reads until `got` holds a whole request head; returns the head's length (blank line
+    /// included) and the declared content-length (0 when none). `None` at the connection's end.
+    async fn read_request_head(conn: &mut TcpStream, got: &mut Vec<u8>) -> Option<(usize, usize)> {
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                return Some((end + 4, length));
+            }
+            let n = conn.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// Reads one request (head and content-length body); `None` at the connection's end.
     async fn read_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
         let mut request = Vec::new();
+        let (head, length) = read_request_head(conn, &mut request).await?;
         let mut buf = [0u8; 8192];
-        loop {
-            let text = String::from_utf8_lossy(&request);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                if request.len() >= end + 4 + length {
-                    return Some(request);
-                }
-            }
+        while request.len() < head + length {
             let n = conn.read(&mut buf).await.ok()?;
             if n == 0 {
                 return None;
             }
             request.extend_from_slice(&buf[..n]);
         }
+        Some(request)
     }
 
     fn post(path: &str, body: impl Into<Bytes>) -> Request<Bytes> {
@@ -928,8 +929,7 @@ mod tests {
         req
     }
 
-    /// Sends a request and reads the whole body: status, body, whether the head said
-    /// end-of-body before any read.
+    /// Sends a request and reads the whole body: its status and body.
     async fn exchange(
         pool: &Arc<OriginPool>,
         req: Request<Bytes>,
@@ -1135,6 +1135,10 @@ mod tests {
                 tokio::spawn(handle(conn, n));
             }
         });
+        pool_for(addr)
+    }
+
+    fn pool_for(addr: SocketAddr) -> Arc<OriginPool> {
         OriginPool::new(
             &format!("http://{addr}"),
             &ClientOptions {
@@ -1150,20 +1154,8 @@ mod tests {
     /// request's content-length.
     async fn read_head_only(conn: &mut TcpStream) -> Option<(usize, usize)> {
         let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        loop {
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                let length = head.split("content-length: ").nth(1)?;
-                let length = length.lines().next()?.parse().ok()?;
-                return Some((got.len() - end - 4, length));
-            }
-            let n = conn.read(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let (head, length) = read_request_head(conn, &mut got).await?;
+        Some((got.len() - head, length))
     }
 
     /// An origin may answer a large request before reading all of it (hyper's client takes
