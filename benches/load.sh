@@ -28,6 +28,11 @@
 #      The load comes from tollgate-loadgen (src/bin/tollgate-loadgen.rs, built with the
 #      other binaries): open loop, 32 connections, each send at its own time with
 #      sub-millisecond precision, Poisson arrivals (ARRIVALS=uniform: evenly spaced).
+#      INTERLEAVE=1 (default): each round is one loadgen run in which the two proxies take
+#      turns every EPOCH_MS (200) ms, HALF_DURATION of turns each, so the machine's slow
+#      swings in speed (seen here: either proxy's p99 moving 2-3x between runs a minute
+#      apart) hit both alike and the added p99 of a round compares like with like.
+#      INTERLEAVE=0: one run per proxy, alternating, as for max throughput.
 #      PACER=wrk uses wrk with a Lua delay() pacer instead (chat.lua), as before: wrk's
 #      timers tick once a millisecond, so each millisecond's requests (~25 at 25k req/s)
 #      leave together, and the latency measured is mostly queueing behind that burst, which
@@ -51,6 +56,9 @@
 #   NOISE_MAX (0.2: a round in which other processes used more cores than this is discarded
 #   and repeated, at most ROUNDS times)
 #   HALF_DURATION (= DURATION) PACER (loadgen; or wrk) ARRIVALS (poisson; or uniform)
+#   INTERLEAVE (1) EPOCH_MS (200)
+#   HALF_RATE (unset; a rate in req/s skips the max-throughput runs and runs only the
+#   constant-rate ones at this rate, for repeating a latency comparison)
 #   CARGO_TARGET_DIR (target) SKIP_BUILD (0; 1 = use the binaries
 #   already built in $CARGO_TARGET_DIR/release)
 set -euo pipefail
@@ -71,6 +79,8 @@ SCENARIOS="${SCENARIOS:-chat,stream}"
 LATENCY_AT_HALF="${LATENCY_AT_HALF:-1}"
 HALF_DURATION="${HALF_DURATION:-$DURATION}"
 PACER="${PACER:-loadgen}"
+INTERLEAVE="${INTERLEAVE:-1}"
+EPOCH_MS="${EPOCH_MS:-200}"
 ARRIVALS="${ARRIVALS:-poisson}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
@@ -330,86 +340,119 @@ journal_collect() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# One wrk run. Args: kind (warmup|max|half) scenario target round duration rate (0 = max).
-# Measured runs append one JSON line to runs.jsonl.
+# One load run. Args: kind (warmup|max|half) scenario round duration rate (0 = max) target...
+# One target: wrk (max) or tollgate-loadgen (constant rate). Several targets (constant rate
+# with the loadgen only): one loadgen run in which they take turns every EPOCH_MS, so each
+# gets `duration` of turns and slow machine drifts hit them alike. Measured runs append one
+# JSON line per target to runs.jsonl.
 # ---------------------------------------------------------------------------------------------
 RUNS="$WORK/runs.jsonl"
 : >"$RUNS"
-run_wrk() {
-  local kind="$1" sc="$2" target="$3" round="$4" dur="$5" rate="$6"
-  local addr pids stream max_tokens
+target_pids() {
+  if [ "$1" = tollgate ]; then echo "$TG_PID"; else echo "$NGX_PID $NGX_WORKERS"; fi
+}
+target_addr() {
+  if [ "$1" = tollgate ]; then echo "$TG_ADDR"; else echo "$NGX_ADDR"; fi
+}
+run_load() {
+  local kind="$1" sc="$2" round="$3" dur="$4" rate="$5"
+  shift 5
+  local targets_here=("$@") n="$#" t
+  local stream max_tokens
   case "$sc" in
     chat) stream=0 max_tokens=16 ;;
     stream) stream=1 max_tokens=50 ;;
     *) die "unknown scenario $sc (chat, stream)" ;;
   esac
-  if [ "$target" = tollgate ]; then addr="$TG_ADDR" pids="$TG_PID"
-  else addr="$NGX_ADDR" pids="$NGX_PID $NGX_WORKERS"; fi
-  local out="$WORK/wrk-$kind-$sc-$target-$round.out" p0 m0
-  # shellcheck disable=SC2086
-  p0="$(cpu_ticks $pids)"
+  local out="$WORK/load-$kind-$sc-$round-${targets_here[*]// /-}.out" m0 all_pids=""
+  declare -A p0=()
+  for t in "${targets_here[@]}"; do
+    # shellcheck disable=SC2046
+    p0[$t]="$(cpu_ticks $(target_pids "$t"))"
+    all_pids+=" $(target_pids "$t")"
+  done
   m0="$(cpu_ticks "$MOCK_PID")"
   local b0; b0="$(machine_busy_ticks)"
   python3 "$LOAD_DIR/procs.py" snap "$WORK/procs.json"
-  # sh reaps wrk, then prints its own stat line, whose cutime + cstime are wrk's CPU use.
-  local load_cmd
+  # sh reaps the load generator, then prints its own stat line, whose cutime + cstime are
+  # the generator's CPU use.
+  local load_cmd secs_total
   if [ "$rate" != 0 ] && [ "$PACER" = loadgen ]; then
     # Constant rate: the open-loop generator (sub-millisecond send times; see its docs).
-    load_cmd=("$BIN/tollgate-loadgen" --addr "$addr" --rate "$rate" --connections "$CONNECTIONS"
-      --duration-s "$(secs "$dur")" --nkeys "$NKEYS" --max-tokens "$max_tokens"
-      --arrivals "$ARRIVALS")
+    secs_total=$(( $(secs "$dur") * n ))
+    load_cmd=("$BIN/tollgate-loadgen" --rate "$rate" --connections "$CONNECTIONS"
+      --duration-s "$secs_total" --nkeys "$NKEYS" --max-tokens "$max_tokens"
+      --arrivals "$ARRIVALS" --epoch-ms "$EPOCH_MS")
+    for t in "${targets_here[@]}"; do load_cmd+=(--addr "$(target_addr "$t")"); done
     [ "$stream" = 1 ] && load_cmd+=(--stream)
   else
+    [ "$n" = 1 ] || die "wrk drives one target at a time"
+    secs_total="$(secs "$dur")"
     load_cmd=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s -s "$LOAD_DIR/chat.lua"
-      "http://$addr/v1/chat/completions")
+      "http://$(target_addr "${targets_here[0]}")/v1/chat/completions")
   fi
   BENCH_NKEYS="$NKEYS" BENCH_STREAM="$stream" BENCH_MAX_TOKENS="$max_tokens" \
   BENCH_RATE="$rate" BENCH_THREADS="$THREADS" \
-    "${PIN_LOAD[@]}" timeout -k 5 $(( $(secs "$dur") + 60 )) \
+    "${PIN_LOAD[@]}" timeout -k 5 $(( secs_total + 60 )) \
     sh -c '"$@"; rc=$?; echo "LOADSTAT $(cat /proc/$$/stat)"; exit $rc' sh \
     "${load_cmd[@]}" >"$out" 2>&1 &
   LOAD_PID=$!
   local rc=0
   wait "$LOAD_PID" || rc=$?
   LOAD_PID=""
-  local p1 m1 alive=true pid
-  # shellcheck disable=SC2086
-  p1="$(cpu_ticks $pids)"
+  local m1 b1 pid
+  declare -A p1=()
+  for t in "${targets_here[@]}"; do
+    # shellcheck disable=SC2046
+    p1[$t]="$(cpu_ticks $(target_pids "$t"))"
+  done
   m1="$(cpu_ticks "$MOCK_PID")"
-  local b1; b1="$(machine_busy_ticks)"
-  # Excluded: the proxies, the mock, this script and its children (wrk is reaped by then).
+  b1="$(machine_busy_ticks)"
+  # Excluded: the proxies, the mock, this script and its children (the generator is reaped
+  # by then).
   local others
+  # shellcheck disable=SC2086
   others="$(python3 "$LOAD_DIR/procs.py" diff "$WORK/procs.json" \
-    "$pids $MOCK_PID ${TG_PID:-} ${NGX_PID:-} ${NGX_WORKERS:-} $$ $BASHPID")"
-  for pid in $pids; do kill -0 "$pid" 2>/dev/null || alive=false; done
-  local wrkjson
-  wrkjson="$(sed -n 's/^LOADJSON //p' "$out")"
-  if [ "$rc" != 0 ] || [ -z "$wrkjson" ]; then
+    "$all_pids $MOCK_PID ${TG_PID:-} ${NGX_PID:-} ${NGX_WORKERS:-} $$ $BASHPID")"
+  if [ "$rc" != 0 ] || ! grep -q '^LOADJSON ' "$out"; then
     cat "$out" >&2
-    die "wrk failed against $target ($kind/$sc, exit $rc)"
+    die "the load generator failed against ${targets_here[*]} ($kind/$sc, exit $rc)"
   fi
-  local load_ticks
+  local load_ticks proxies_ticks=0
   load_ticks="$(sed -n 's/^LOADSTAT .*) //p' "$out" | awk '{print $14 + $15}')"
-  local rss jd=null reqs jstats=null
-  if [ "$target" = tollgate ]; then
-    rss="$(hwm_kb "$TG_PID")"
-    reqs="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$wrkjson")"
-    # Not in a $(...): JCURSOR must advance in this shell.
-    journal_collect "$reqs" "$max_tokens" >"$WORK/journal-stats.json"
-    jstats="$(cat "$WORK/journal-stats.json")"
-    jd="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["entries"])' "$jstats")"
-  else
-    rss="$(hwm_kb "${NGX_WORKERS%% *}")"
-  fi
-  [ "$kind" = warmup ] && return 0
-  printf '{"kind":"%s","scenario":"%s","target":"%s","round":%s,"rate":%s,"proxy_cpu_s":%s,"mock_cpu_s":%s,"load_cpu_s":%s,"machine_busy_s":%s,"proxy_rss_kb":%s,"journal_delta":%s,"journal":%s,"alive":%s,"others_top":%s,"wrk":%s}\n' \
-    "$kind" "$sc" "$target" "$round" "$rate" \
-    "$(awk -v a="$p0" -v b="$p1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
-    "$(awk -v a="$m0" -v b="$m1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
-    "$(awk -v a="${load_ticks:-0}" -v t="$CLK_TCK" 'BEGIN{print a/t}')" \
-    "$(awk -v a="$b0" -v b="$b1" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
-    "${rss:-0}" "$jd" "$jstats" "$alive" "$others" "$wrkjson" >>"$RUNS"
-  python3 - "$RUNS" <<'EOF' >&2
+  for t in "${targets_here[@]}"; do proxies_ticks=$(( proxies_ticks + p1[$t] - p0[$t] )); done
+  for t in "${targets_here[@]}"; do
+    local wrkjson alive=true rss jd=null reqs jstats=null
+    if [ "$n" = 1 ]; then
+      wrkjson="$(sed -n 's/^LOADJSON //p' "$out")"
+    else
+      wrkjson="$(sed -n "s/^LOADJSON \({\"addr\":\"$(target_addr "$t")\".*\)/\1/p" "$out")"
+    fi
+    [ -n "$wrkjson" ] || { cat "$out" >&2; die "no result for $t in the load generator's output"; }
+    # shellcheck disable=SC2046
+    for pid in $(target_pids "$t"); do kill -0 "$pid" 2>/dev/null || alive=false; done
+    if [ "$t" = tollgate ]; then
+      rss="$(hwm_kb "$TG_PID")"
+      reqs="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$wrkjson")"
+      # Not in a $(...): JCURSOR must advance in this shell.
+      journal_collect "$reqs" "$max_tokens" >"$WORK/journal-stats.json"
+      jstats="$(cat "$WORK/journal-stats.json")"
+      jd="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["entries"])' "$jstats")"
+    else
+      rss="$(hwm_kb "${NGX_WORKERS%% *}")"
+    fi
+    [ "$kind" = warmup ] && continue
+    # With several targets, each gets its share (1/n) of what mock, generator and the rest
+    # of the machine used, plus all of its own CPU time.
+    printf '{"kind":"%s","scenario":"%s","target":"%s","round":%s,"rate":%s,"interleaved":%s,"proxy_cpu_s":%s,"mock_cpu_s":%s,"load_cpu_s":%s,"machine_busy_s":%s,"proxy_rss_kb":%s,"journal_delta":%s,"journal":%s,"alive":%s,"others_top":%s,"wrk":%s}\n' \
+      "$kind" "$sc" "$t" "$round" "$rate" "$([ "$n" -gt 1 ] && echo true || echo false)" \
+      "$(awk -v a="${p0[$t]}" -v b="${p1[$t]}" -v t="$CLK_TCK" 'BEGIN{print (b-a)/t}')" \
+      "$(awk -v a="$m0" -v b="$m1" -v t="$CLK_TCK" -v n="$n" 'BEGIN{print (b-a)/t/n}')" \
+      "$(awk -v a="${load_ticks:-0}" -v t="$CLK_TCK" -v n="$n" 'BEGIN{print a/t/n}')" \
+      "$(awk -v a="$b0" -v b="$b1" -v all="$proxies_ticks" -v own="$(( p1[$t] - p0[$t] ))" \
+          -v t="$CLK_TCK" -v n="$n" 'BEGIN{print ((b-a-all)/n + own)/t}')" \
+      "${rss:-0}" "$jd" "$jstats" "$alive" "$others" "$wrkjson" >>"$RUNS"
+    python3 - "$RUNS" <<'EOF2' >&2
 import json, sys
 r = [json.loads(l) for l in open(sys.argv[1])][-1]
 w = r["wrk"]; lat = w["latency_us"]; e = sum(w["errors"].values())
@@ -417,7 +460,8 @@ print(f"    {r['kind']:4} {r['scenario']:6} {r['target']:8} round {r['round']}: 
       f"{w['requests'] / (w['duration_us'] / 1e6):8.0f} req/s  p50 {lat['p50']} µs  "
       f"p99 {lat['p99']} µs  errors {e}"
       + (f"  journal +{r['journal_delta']} {dict(r['journal']['outcomes'])}" if r["journal"] else ""))
-EOF
+EOF2
+  done
 }
 
 # Marks the last $1 runs noisy when, in any of them, processes other than proxy, mock and wrk
@@ -452,7 +496,11 @@ run_rounds() {
   local kind="$1" sc="$2" dur="$3" rate="$4" clean=0 attempt=0 t
   while [ "$clean" -lt "$ROUNDS" ] && [ "$attempt" -lt $(( ROUNDS * 2 )) ]; do
     attempt=$(( attempt + 1 ))
-    for t in "${targets[@]}"; do run_wrk "$kind" "$sc" "$t" "$attempt" "$dur" "$rate"; done
+    if [ "$rate" != 0 ] && [ "$PACER" = loadgen ] && [ "$INTERLEAVE" = 1 ]; then
+      run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "${targets[@]}"
+    else
+      for t in "${targets[@]}"; do run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "$t"; done
+    fi
     if mark_noisy "${#targets[@]}"; then clean=$(( clean + 1 )); fi
   done
 }
@@ -481,9 +529,13 @@ for sc in "${scenario_list[@]}"; do
   start_tollgate "$sc"
   if [ -n "$NGINX" ]; then start_nginx "$sc"; fi
   log "scenario $sc: tollgate $TG_ADDR${NGINX:+, nginx $NGX_ADDR}; warm-up $WARMUP each"
-  for t in "${targets[@]}"; do run_wrk warmup "$sc" "$t" 0 "$WARMUP" 0; done
-  run_rounds max "$sc" "$DURATION" 0
-  half=$(( $(tollgate_max_rps "$sc") / 2 ))
+  for t in "${targets[@]}"; do run_load warmup "$sc" 0 "$WARMUP" 0 "$t"; done
+  if [ -n "${HALF_RATE:-}" ]; then
+    half="$HALF_RATE"
+  else
+    run_rounds max "$sc" "$DURATION" 0
+    half=$(( $(tollgate_max_rps "$sc") / 2 ))
+  fi
   if [ "$LATENCY_AT_HALF" = 1 ] && [ "$half" -gt 0 ]; then
     log "scenario $sc: constant rate $half req/s (half of tollgate's max)"
     run_rounds half "$sc" "$HALF_DURATION" "$half"
@@ -512,6 +564,7 @@ cat >"$WORK/config.json" <<EOF
  "mock": "tollgate-mock --worker-threads 1", "tollgate": "tollgate serve --worker-threads 1",
  "baseline": "$baseline_version", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
  "pacer": "$PACER", "arrivals": "$ARRIVALS",
+ "interleave": $([ "$INTERLEAVE" = 1 ] && echo true || echo false), "epoch_ms": $EPOCH_MS,
  "half_note": "$half_note"}
 EOF
 mkdir -p "$TARGET_DIR"

@@ -18,6 +18,14 @@
 //! carries `Authorization: Bearer tg-bench-<i>` for a random i below `--nkeys`, and the
 //! chat body of `benches/load/chat.lua`. The result is one line `LOADJSON {...}` in the
 //! same shape as chat.lua's, so the bench reads either.
+//!
+//! Several `--addr`s: the targets take turns, `--epoch-ms` each (target k owns epochs
+//! k, k + n, k + 2n, ...), each with its own `--connections` connections and send times
+//! that fall only in its own epochs (at `--rate` while it is its turn). One `LOADJSON` line
+//! per target, with its `addr`; its `duration_us` is the time it was its turn. Slow drifts
+//! in the machine's speed (another tenant, frequency, the hypervisor) then hit every target
+//! alike, which separate runs seconds apart cannot promise: the comparison of their tails is
+//! paired in time.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -35,9 +43,13 @@ use rand::{Rng, SeedableRng};
 #[derive(Parser, Debug)]
 #[command(name = "tollgate-loadgen", version, about)]
 struct Args {
-    /// Target, `host:port` (loopback in the bench).
-    #[arg(long)]
-    addr: SocketAddr,
+    /// Target, `host:port` (loopback in the bench). Repeat it to interleave several
+    /// targets in time (see `--epoch-ms`).
+    #[arg(long, required = true)]
+    addr: Vec<SocketAddr>,
+    /// With several targets: how long each one's turn lasts, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    epoch_ms: u64,
     /// Request path.
     #[arg(long, default_value = "/v1/chat/completions")]
     path: String,
@@ -105,22 +117,60 @@ fn main() -> anyhow::Result<()> {
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         bail!("--rate must be a positive number of requests per second");
     }
-    if args.connections == 0 || args.nkeys == 0 {
-        bail!("--connections and --nkeys must be at least 1");
+    if args.connections == 0 || args.nkeys == 0 || args.epoch_ms == 0 {
+        bail!("--connections, --nkeys and --epoch-ms must be at least 1");
     }
     set_timer_slack_ns(1);
-    let requests = format_requests(&args);
-    let mut tally = Tally::default();
+    let requests: Vec<Vec<Vec<u8>>> = args
+        .addr
+        .iter()
+        .map(|addr| format_requests(&args, *addr))
+        .collect();
+    let mut tallies: Vec<Tally> = args.addr.iter().map(|_| Tally::default()).collect();
     let start = Instant::now() + Duration::from_millis(20);
     let mut run = Run::new(&args, start)?;
-    run.drive(&requests, &mut tally)?;
-    let duration_us = Instant::now().saturating_duration_since(start).as_micros();
-    println!("{}", report(&mut tally, duration_us));
+    run.drive(&requests, &mut tallies)?;
+    let elapsed = Instant::now().saturating_duration_since(start);
+    for (k, tally) in tallies.iter_mut().enumerate() {
+        let duration = if args.addr.len() == 1 {
+            elapsed
+        } else {
+            run.turns
+                .owned_time(k, Duration::from_secs_f64(args.duration_s))
+        };
+        println!("{}", report(tally, duration.as_micros(), args.addr[k]));
+    }
     Ok(())
 }
 
+/// Which target's turn it is when: `n` targets, turns of `epoch` each from `start`.
+#[derive(Clone, Copy, Debug)]
+struct Turns {
+    start: Instant,
+    epoch: Duration,
+    n: usize,
+}
+
+impl Turns {
+    /// The target whose turn it is at `t` (the first one before `start`).
+    fn owner(&self, t: Instant) -> usize {
+        let since = t.saturating_duration_since(self.start).as_nanos();
+        ((since / self.epoch.as_nanos()) % self.n as u128) as usize
+    }
+
+    /// How much of the first `span` after `start` is target `k`'s.
+    fn owned_time(&self, k: usize, span: Duration) -> Duration {
+        let (epoch, n) = (self.epoch.as_nanos(), self.n as u128);
+        let span = span.as_nanos();
+        let whole_cycles = span / (epoch * n);
+        let rest = span - whole_cycles * epoch * n;
+        let in_rest = rest.saturating_sub(k as u128 * epoch).min(epoch);
+        Duration::from_nanos((whole_cycles * epoch + in_rest) as u64)
+    }
+}
+
 /// One request per key, formatted once.
-fn format_requests(args: &Args) -> Vec<Vec<u8>> {
+fn format_requests(args: &Args, addr: SocketAddr) -> Vec<Vec<u8>> {
     let body = format!(
         concat!(
             r#"{{"model":"gpt-4o-mini","messages":["#,
@@ -137,7 +187,7 @@ fn format_requests(args: &Args) -> Vec<Vec<u8>> {
                 "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
                  Authorization: Bearer tg-bench-{i}\r\nContent-Length: {}\r\n\r\n{body}",
                 args.path,
-                args.addr,
+                addr,
                 body.len()
             )
             .into_bytes()
@@ -147,6 +197,8 @@ fn format_requests(args: &Args) -> Vec<Vec<u8>> {
 
 /// One connection and its schedule.
 struct Conn {
+    /// Index of its target.
+    target: usize,
     stream: Option<TcpStream>,
     /// When its next request is due.
     next: Instant,
@@ -168,7 +220,8 @@ struct Run {
     gap: Duration,
     arrivals: Arrivals,
     timeout: Duration,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    turns: Turns,
     rng: StdRng,
 }
 
@@ -200,23 +253,13 @@ impl Run {
         watch(&epoll, timer.as_raw_fd(), TIMER_TOKEN, libc::EPOLL_CTL_ADD)?;
         // Per connection: the mean gap between its sends.
         let gap = Duration::from_secs_f64(args.connections as f64 / args.rate);
-        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
-        let conns = (0..args.connections)
-            .map(|i| Conn {
-                stream: None,
-                next: start
-                    + match args.arrivals {
-                        Arrivals::Poisson => gap.mul_f64(exponential(&mut rng)),
-                        // Connection i starts i/C of a gap in: the sends interleave evenly.
-                        Arrivals::Uniform => gap.mul_f64(i as f64 / args.connections as f64),
-                    },
-                in_flight: None,
-                buf: vec![0; 64 * 1024],
-                filled: 0,
-            })
-            .collect();
-        Ok(Self {
-            conns,
+        let turns = Turns {
+            start,
+            epoch: Duration::from_millis(args.epoch_ms),
+            n: args.addr.len(),
+        };
+        let mut run = Self {
+            conns: Vec::with_capacity(args.connections * args.addr.len()),
             epoll,
             timer,
             armed: None,
@@ -224,19 +267,60 @@ impl Run {
             gap,
             arrivals: args.arrivals,
             timeout: Duration::from_secs(args.timeout_s),
-            addr: args.addr,
-            rng,
-        })
+            addrs: args.addr.clone(),
+            turns,
+            rng: StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d),
+        };
+        for target in 0..args.addr.len() {
+            for i in 0..args.connections {
+                let first = start
+                    + match args.arrivals {
+                        Arrivals::Poisson => gap.mul_f64(exponential(&mut run.rng)),
+                        // Connection i starts i/C of a gap in: the sends interleave evenly.
+                        Arrivals::Uniform => gap.mul_f64(i as f64 / args.connections as f64),
+                    };
+                let next = run.in_turn(target, first);
+                run.conns.push(Conn {
+                    target,
+                    stream: None,
+                    next,
+                    in_flight: None,
+                    buf: vec![0; 64 * 1024],
+                    filled: 0,
+                });
+            }
+        }
+        Ok(run)
+    }
+
+    /// The gap to a connection's next send.
+    fn draw_gap(&mut self) -> Duration {
+        match self.arrivals {
+            Arrivals::Poisson => self.gap.mul_f64(exponential(&mut self.rng)),
+            Arrivals::Uniform => self.gap,
+        }
+    }
+
+    /// `t`, or, when that is not `target`'s turn, its first send time after `t` that is:
+    /// the schedule goes on drawing gaps and leaves out the sends that fall in the other
+    /// targets' turns (for Poisson arrivals, still a Poisson process within its turns).
+    fn in_turn(&mut self, target: usize, mut t: Instant) -> Instant {
+        while self.turns.owner(t) != target && t < self.end {
+            t += self.draw_gap();
+        }
+        t
     }
 
     /// Sends on schedule until the end, then waits for the responses still out.
-    fn drive(&mut self, requests: &[Vec<u8>], tally: &mut Tally) -> anyhow::Result<()> {
+    fn drive(&mut self, requests: &[Vec<Vec<u8>>], tallies: &mut [Tally]) -> anyhow::Result<()> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
             let now = Instant::now();
             let mut earliest: Option<Instant> = None;
             let mut busy = false;
             for i in 0..self.conns.len() {
+                let target = self.conns[i].target;
+                let tally = &mut tallies[target];
                 if let Some(sent) = self.conns[i].in_flight {
                     if now.duration_since(sent) > self.timeout {
                         tally.errors.timeout += 1;
@@ -257,10 +341,9 @@ impl Run {
                 if now - next > LATE {
                     tally.late_sends += 1;
                 }
-                self.conns[i].next += match self.arrivals {
-                    Arrivals::Poisson => self.gap.mul_f64(exponential(&mut self.rng)),
-                    Arrivals::Uniform => self.gap,
-                };
+                let after = next + self.draw_gap();
+                self.conns[i].next = self.in_turn(target, after);
+                let requests = &requests[target];
                 let request = &requests[self.rng.random_range(0..requests.len())];
                 if self.send(i, request, tally)? {
                     busy = true;
@@ -304,7 +387,8 @@ impl Run {
                         libc::read(self.timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8)
                     };
                 } else {
-                    self.on_readable(token as usize, tally);
+                    let i = token as usize;
+                    self.on_readable(i, &mut tallies[self.conns[i].target]);
                 }
             }
         }
@@ -312,10 +396,11 @@ impl Run {
 
     /// Connects when needed and writes the request; false when the connection failed.
     fn send(&mut self, i: usize, request: &[u8], tally: &mut Tally) -> anyhow::Result<bool> {
+        let addr = self.addrs[self.conns[i].target];
         let stream = match &mut self.conns[i].stream {
             Some(stream) => stream,
             slot @ None => {
-                let Ok(stream) = TcpStream::connect(self.addr) else {
+                let Ok(stream) = TcpStream::connect(addr) else {
                     tally.errors.connect += 1;
                     return Ok(false);
                 };
@@ -563,8 +648,8 @@ fn chunked_end(data: &[u8]) -> ChunkScan {
     }
 }
 
-/// The `LOADJSON` line (sorts the latencies).
-fn report(all: &mut Tally, duration_us: u128) -> String {
+/// The `LOADJSON` line of one target (sorts the latencies).
+fn report(all: &mut Tally, duration_us: u128, addr: SocketAddr) -> String {
     let lat = &mut all.latencies_us;
     lat.sort_unstable();
     let pct = |p: f64| -> u32 {
@@ -592,11 +677,12 @@ fn report(all: &mut Tally, duration_us: u128) -> String {
     let e = all.errors;
     format!(
         concat!(
-            r#"LOADJSON {{"requests":{},"duration_us":{},"bytes":{},"late_sends":{},"#,
+            r#"LOADJSON {{"addr":"{}","requests":{},"duration_us":{},"bytes":{},"late_sends":{},"#,
             r#""errors":{{"connect":{},"read":{},"write":{},"status":{},"timeout":{}}},"#,
             r#""latency_us":{{"min":{},"mean":{:.1},"max":{},"stdev":{:.1},"#,
             r#""p50":{},"p90":{},"p99":{},"p999":{}}}}}"#
         ),
+        addr,
         lat.len(),
         duration_us,
         all.bytes,
@@ -701,6 +787,67 @@ mod tests {
             keep_alive: false,
         };
         assert_eq!(parse_response(closing), Parsed::Complete(expected));
+    }
+
+    #[test]
+    fn targets_take_turns_and_each_owns_its_share_of_the_time() {
+        let start = Instant::now();
+        let turns = Turns {
+            start,
+            epoch: Duration::from_millis(200),
+            n: 2,
+        };
+        let at = |ms| start + Duration::from_millis(ms);
+        let owners: Vec<usize> = [0, 199, 200, 399, 400, 650, 999, 1000]
+            .iter()
+            .map(|&ms| turns.owner(at(ms)))
+            .collect();
+        assert_eq!(owners, [0, 0, 1, 1, 0, 1, 0, 1]);
+        // 1.1 s: turns 0-200 (0), 200-400 (1), ... 800-1000 (0), 1000-1100 (1).
+        let span = Duration::from_millis(1100);
+        assert_eq!(turns.owned_time(0, span), Duration::from_millis(600));
+        assert_eq!(turns.owned_time(1, span), Duration::from_millis(500));
+        let three = Turns { n: 3, ..turns };
+        let total: Duration = (0..3).map(|k| three.owned_time(k, span)).sum();
+        assert_eq!(total, span);
+        assert_eq!(three.owned_time(2, span), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn each_target_gets_the_rate_within_its_own_turns_only() {
+        let args = Args::parse_from([
+            "tollgate-loadgen",
+            "--addr",
+            "127.0.0.1:1",
+            "--addr",
+            "127.0.0.1:2",
+            "--rate",
+            "2000",
+            "--connections",
+            "4",
+            "--duration-s",
+            "20",
+            "--epoch-ms",
+            "100",
+        ]);
+        let start = Instant::now();
+        let mut run = Run::new(&args, start).unwrap();
+        let conns: Vec<(usize, Instant)> = run.conns.iter().map(|c| (c.target, c.next)).collect();
+        assert_eq!(conns.len(), 8);
+        let mut sends = [0u32; 2];
+        for (target, mut t) in conns {
+            while t < run.end {
+                assert_eq!(run.turns.owner(t), target, "a send outside its turn");
+                sends[target] += 1;
+                let after = t + run.draw_gap();
+                t = run.in_turn(target, after);
+            }
+        }
+        // 2000/s for the 10 s that are each target's: 20,000 sends each, give or take the
+        // Poisson noise (sd ~140).
+        for (target, n) in sends.iter().enumerate() {
+            assert!((19_300..=20_700).contains(n), "target {target}: {n} sends");
+        }
     }
 
     #[test]
