@@ -23,11 +23,18 @@ async fn mock() -> MockServer {
     .unwrap()
 }
 
-/// Runs the generator and returns its `LOADJSON` object.
+/// Runs the generator against `mock` and returns its `LOADJSON` object.
 async fn loadgen(mock: &MockServer, args: &[&str]) -> serde_json::Value {
     let addr = mock.addr().to_string();
+    let mut all = run_loadgen(["--addr", addr.as_str()].iter().chain(args)).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    all.remove(0)
+}
+
+/// Runs the generator with exactly these arguments; its `LOADJSON` objects, in order.
+async fn run_loadgen<'a>(args: impl Iterator<Item = &'a &'a str>) -> Vec<serde_json::Value> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-loadgen"));
-    cmd.args(["--addr", &addr]).args(args);
+    cmd.args(args);
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
@@ -37,11 +44,13 @@ async fn loadgen(mock: &MockServer, args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let json = stdout
+    let all: Vec<serde_json::Value> = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("LOADJSON "))
-        .unwrap_or_else(|| panic!("no LOADJSON line in {stdout:?}"));
-    serde_json::from_str(json).unwrap()
+        .filter_map(|l| l.strip_prefix("LOADJSON "))
+        .map(|json| serde_json::from_str(json).unwrap())
+        .collect();
+    assert!(!all.is_empty(), "no LOADJSON line in {stdout:?}");
+    all
 }
 
 fn errors(report: &serde_json::Value) -> u64 {
@@ -136,4 +145,36 @@ async fn counts_refused_requests_and_a_dead_server() {
         serde_json::from_str(stdout.trim().strip_prefix("LOADJSON ").unwrap()).unwrap();
     assert_eq!(r["requests"], 0, "{r}");
     assert!(r["errors"]["connect"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_targets_take_turns_at_the_rate_each() {
+    let (one, two) = (mock().await, mock().await);
+    let (a1, a2) = (one.addr().to_string(), two.addr().to_string());
+    let args = [
+        "--addr",
+        &a1,
+        "--addr",
+        &a2,
+        "--rate",
+        "200",
+        "--duration-s",
+        "2",
+        "--epoch-ms",
+        "100",
+        "--connections",
+        "2",
+        "--nkeys",
+        "1",
+    ];
+    let reports = run_loadgen(args.iter()).await;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for (r, addr) in reports.iter().zip([&a1, &a2]) {
+        assert_eq!(r["addr"], addr.as_str(), "{r}");
+        assert_eq!(errors(r), 0, "{r}");
+        // Each had 10 turns of 100 ms: 1 s at 200/s (Poisson, sd ~14).
+        assert_eq!(r["duration_us"], 1_000_000, "{r}");
+        let n = r["requests"].as_u64().unwrap();
+        assert!((150..=250).contains(&n), "{addr}: {n} requests: {r}");
+    }
 }
