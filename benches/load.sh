@@ -33,6 +33,10 @@
 #      swings in speed (seen here: either proxy's p99 moving 2-3x between runs a minute
 #      apart) hit both alike and the added p99 of a round compares like with like.
 #      INTERLEAVE=0: one run per proxy, alternating, as for max throughput.
+#      CONTROL=1 (default, with INTERLEAVE=1): a second nginx, identical to the baseline,
+#      takes turns with the other two. baseline vs control is an A/A comparison: what p99
+#      differs by between two identical proxies measured alike is the bench's resolution,
+#      printed beside the added p99 (on this 2-core VM it was often several hundred µs).
 #      PACER=wrk uses wrk with a Lua delay() pacer instead (chat.lua), as before: wrk's
 #      timers tick once a millisecond, so each millisecond's requests (~25 at 25k req/s)
 #      leave together, and the latency measured is mostly queueing behind that burst, which
@@ -56,7 +60,7 @@
 #   NOISE_MAX (0.2: a round in which other processes used more cores than this is discarded
 #   and repeated, at most ROUNDS times)
 #   HALF_DURATION (= DURATION) PACER (loadgen; or wrk) ARRIVALS (poisson; or uniform)
-#   INTERLEAVE (1) EPOCH_MS (200)
+#   INTERLEAVE (1) EPOCH_MS (200) CONTROL (1)
 #   HALF_RATE (unset; a rate in req/s skips the max-throughput runs and runs only the
 #   constant-rate ones at this rate, for repeating a latency comparison)
 #   CARGO_TARGET_DIR (target) SKIP_BUILD (0; 1 = use the binaries
@@ -80,6 +84,7 @@ LATENCY_AT_HALF="${LATENCY_AT_HALF:-1}"
 HALF_DURATION="${HALF_DURATION:-$DURATION}"
 PACER="${PACER:-loadgen}"
 INTERLEAVE="${INTERLEAVE:-1}"
+CONTROL="${CONTROL:-1}"
 EPOCH_MS="${EPOCH_MS:-200}"
 ARRIVALS="${ARRIVALS:-poisson}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
@@ -268,7 +273,7 @@ if ! gen_config probe; then
   gen_config probe || { cat "$WORK/check-config.out" >&2; die "generated config rejected"; }
 fi
 
-TG_PID="" TG_ADDR="" NGX_PID="" NGX_ADDR="" NGX_WORKERS=""
+TG_PID="" TG_ADDR="" NGX_PID="" NGX_ADDR="" NGX_WORKERS="" CTL_PID="" CTL_ADDR="" CTL_WORKERS=""
 start_tollgate() {
   local logf="$WORK/tollgate-$1.log"
   gen_config "$1" || { cat "$WORK/check-config.out" >&2; die "generated config rejected"; }
@@ -349,10 +354,18 @@ journal_collect() {
 RUNS="$WORK/runs.jsonl"
 : >"$RUNS"
 target_pids() {
-  if [ "$1" = tollgate ]; then echo "$TG_PID"; else echo "$NGX_PID $NGX_WORKERS"; fi
+  case "$1" in
+    tollgate) echo "$TG_PID" ;;
+    control) echo "$CTL_PID $CTL_WORKERS" ;;
+    *) echo "$NGX_PID $NGX_WORKERS" ;;
+  esac
 }
 target_addr() {
-  if [ "$1" = tollgate ]; then echo "$TG_ADDR"; else echo "$NGX_ADDR"; fi
+  case "$1" in
+    tollgate) echo "$TG_ADDR" ;;
+    control) echo "$CTL_ADDR" ;;
+    *) echo "$NGX_ADDR" ;;
+  esac
 }
 run_load() {
   local kind="$1" sc="$2" round="$3" dur="$4" rate="$5"
@@ -413,7 +426,7 @@ run_load() {
   local others
   # shellcheck disable=SC2086
   others="$(python3 "$LOAD_DIR/procs.py" diff "$WORK/procs.json" \
-    "$all_pids $MOCK_PID ${TG_PID:-} ${NGX_PID:-} ${NGX_WORKERS:-} $$ $BASHPID")"
+    "$all_pids $MOCK_PID ${TG_PID:-} ${NGX_PID:-} ${NGX_WORKERS:-} ${CTL_PID:-} ${CTL_WORKERS:-} $$ $BASHPID")"
   if [ "$rc" != 0 ] || ! grep -q '^LOADJSON ' "$out"; then
     cat "$out" >&2
     die "the load generator failed against ${targets_here[*]} ($kind/$sc, exit $rc)"
@@ -439,7 +452,9 @@ run_load() {
       jstats="$(cat "$WORK/journal-stats.json")"
       jd="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["entries"])' "$jstats")"
     else
-      rss="$(hwm_kb "${NGX_WORKERS%% *}")"
+      # shellcheck disable=SC2046
+      set -- $(target_pids "$t")
+      rss="$(hwm_kb "$2")"
     fi
     [ "$kind" = warmup ] && continue
     # With several targets, each gets its share (1/n) of what mock, generator and the rest
@@ -496,12 +511,14 @@ run_rounds() {
   local kind="$1" sc="$2" dur="$3" rate="$4" clean=0 attempt=0 t
   while [ "$clean" -lt "$ROUNDS" ] && [ "$attempt" -lt $(( ROUNDS * 2 )) ]; do
     attempt=$(( attempt + 1 ))
+    local these=("${targets[@]}")
     if [ "$rate" != 0 ] && [ "$PACER" = loadgen ] && [ "$INTERLEAVE" = 1 ]; then
-      run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "${targets[@]}"
+      [ -n "$CTL_PID" ] && these=(baseline control tollgate)
+      run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "${these[@]}"
     else
-      for t in "${targets[@]}"; do run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "$t"; done
+      for t in "${these[@]}"; do run_load "$kind" "$sc" "$attempt" "$dur" "$rate" "$t"; done
     fi
-    if mark_noisy "${#targets[@]}"; then clean=$(( clean + 1 )); fi
+    if mark_noisy "${#these[@]}"; then clean=$(( clean + 1 )); fi
   done
 }
 
@@ -527,9 +544,16 @@ log "mock $MOCK_ADDR; wrk -t$THREADS -c$CONNECTIONS -d$DURATION x $ROUNDS rounds
 for sc in "${scenario_list[@]}"; do
   # Fresh proxies per scenario, so peak RSS is per scenario.
   start_tollgate "$sc"
+  CTL_PID="" CTL_ADDR="" CTL_WORKERS=""
+  if [ -n "$NGINX" ] && [ "$CONTROL" = 1 ] && [ "$INTERLEAVE" = 1 ] && [ "$PACER" = loadgen ] \
+    && [ "$LATENCY_AT_HALF" = 1 ]; then
+    # The control: a second, identical nginx, measured in the same turns as the other two.
+    start_nginx "$sc-control"
+    CTL_PID="$NGX_PID" CTL_ADDR="$NGX_ADDR" CTL_WORKERS="$NGX_WORKERS"
+  fi
   if [ -n "$NGINX" ]; then start_nginx "$sc"; fi
-  log "scenario $sc: tollgate $TG_ADDR${NGINX:+, nginx $NGX_ADDR}; warm-up $WARMUP each"
-  for t in "${targets[@]}"; do run_load warmup "$sc" 0 "$WARMUP" 0 "$t"; done
+  log "scenario $sc: tollgate $TG_ADDR${NGINX:+, nginx $NGX_ADDR}${CTL_ADDR:+, control nginx $CTL_ADDR}; warm-up $WARMUP each"
+  for t in "${targets[@]}" ${CTL_PID:+control}; do run_load warmup "$sc" 0 "$WARMUP" 0 "$t"; done
   if [ -n "${HALF_RATE:-}" ]; then
     half="$HALF_RATE"
   else
@@ -542,6 +566,7 @@ for sc in "${scenario_list[@]}"; do
   fi
   stop_proxy "$TG_PID"
   if [ -n "$NGINX" ]; then stop_proxy "$NGX_PID"; fi
+  if [ -n "$CTL_PID" ]; then stop_proxy "$CTL_PID"; fi
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +590,7 @@ cat >"$WORK/config.json" <<EOF
  "baseline": "$baseline_version", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
  "pacer": "$PACER", "arrivals": "$ARRIVALS",
  "interleave": $([ "$INTERLEAVE" = 1 ] && echo true || echo false), "epoch_ms": $EPOCH_MS,
+ "control": $([ "$CONTROL" = 1 ] && echo true || echo false),
  "half_note": "$half_note"}
 EOF
 mkdir -p "$TARGET_DIR"

@@ -13,6 +13,9 @@ import statistics
 import sys
 
 ADDED_P99_TARGET_US = 100
+# In table order. `control` is a second nginx, identical to the baseline, in the interleaved
+# constant-rate runs only.
+TARGETS = ("baseline", "control", "tollgate")
 
 
 def median(xs):
@@ -86,6 +89,16 @@ def summarise(runs):
     return out
 
 
+def p99_minus_baseline(groups, kind, sc, target):
+    """Per round: the p99 of `target` minus the baseline's p99 of the same round."""
+    base = {r["round"]: r["wrk"]["latency_us"]["p99"] for r in groups[(kind, sc, "baseline")]}
+    return [
+        r["wrk"]["latency_us"]["p99"] - base[r["round"]]
+        for r in groups.get((kind, sc, target), [])
+        if r["round"] in base
+    ]
+
+
 def bound_by(s, cpus):
     """Which core ran out in a max-throughput run (>= 93% busy), from the CPU utilisations."""
     load = {"proxy": s["proxy_cpu_util"], "mock": s["mock_cpu_util"], "wrk": s["load_cpu_util"]}
@@ -133,7 +146,7 @@ def main():
     for kind in ("max", "half"):
         for sc in scenarios:
             block = {}
-            for target in ("baseline", "tollgate"):
+            for target in TARGETS:
                 if (kind, sc, target) in groups:
                     block[target] = summarise(groups[(kind, sc, target)])
             if not block:
@@ -144,20 +157,19 @@ def main():
                 block["added_p99_us"] = t["latency_us"]["p99"] - b["latency_us"]["p99"]
                 block["added_p50_us"] = t["latency_us"]["p50"] - b["latency_us"]["p50"]
                 if kind == "half":
-                    # Round by round: with interleaved runs, the two p99s of a round were
+                    # Round by round: with interleaved runs, the p99s of a round were
                     # measured over the same stretch of time.
-                    by_round = {
-                        r["round"]: r["wrk"]["latency_us"]["p99"]
-                        for r in groups[(kind, sc, "baseline")]
-                    }
-                    block["added_p99_each_us"] = [
-                        r["wrk"]["latency_us"]["p99"] - by_round[r["round"]]
-                        for r in groups[(kind, sc, "tollgate")]
-                        if r["round"] in by_round
-                    ]
+                    block["added_p99_each_us"] = p99_minus_baseline(groups, kind, sc, "tollgate")
                     block["added_p99_target_us"] = ADDED_P99_TARGET_US
+                    ctl = block.get("control")
+                    if ctl:
+                        # A/A: two identical nginx; what their p99s differ by is noise.
+                        block["control_p99_us"] = ctl["latency_us"]["p99"] - b["latency_us"]["p99"]
+                        block["control_p99_each_us"] = p99_minus_baseline(
+                            groups, kind, sc, "control"
+                        )
                     block["added_p99_ok"] = block["added_p99_us"] <= ADDED_P99_TARGET_US
-            for target, s in ((k, v) for k, v in block.items() if k in ("baseline", "tollgate")):
+            for target, s in ((k, v) for k, v in block.items() if k in TARGETS):
                 errs = {k: v for k, v in s["errors"].items() if v}
                 if errs:
                     problems.append(f"{kind}/{sc}/{target}: wrk errors {errs} (status = non-2xx/3xx)")
@@ -210,7 +222,7 @@ def main():
                 else "wrk + Lua pacer: each millisecond's requests leave together"
             )
             turns = (
-                f"; the two take turns every {c['epoch_ms']} ms within each run"
+                f"; the proxies take turns every {c['epoch_ms']} ms within each run"
                 if c.get("pacer") == "loadgen" and c.get("interleave")
                 else "; one run per target"
             )
@@ -221,7 +233,7 @@ def main():
         print(head)
         print(sep)
         for sc, block in summary[kind].items():
-            for target in ("baseline", "tollgate"):
+            for target in TARGETS:
                 s = block.get(target)
                 if not s:
                     continue
@@ -249,9 +261,22 @@ def main():
                     each = ", ".join(f"{x:+,}" for x in block["added_p99_each_us"])
                     line += f"; per round: {each}"
                     if c.get("pacer") == "loadgen":
-                        late = sum(block[t]["late_sends"] for t in ("baseline", "tollgate") if t in block)
-                        sent = sum(block[t]["requests"] for t in ("baseline", "tollgate") if t in block)
+                        late = sum(block[t]["late_sends"] for t in TARGETS if t in block)
+                        sent = sum(block[t]["requests"] for t in TARGETS if t in block)
                         line += f"; sends > 50 µs late: {late / max(sent, 1):.0%}"
+                    if "control_p99_us" in block:
+                        aa = block["control_p99_each_us"]
+                        line += (
+                            f"\n  - A/A control (second nginx − baseline): p99 "
+                            f"{block['control_p99_us']:+,.0f} µs, per round: "
+                            + ", ".join(f"{x:+,}" for x in aa)
+                        )
+                        worst = max((abs(x) for x in aa), default=0)
+                        if worst > ADDED_P99_TARGET_US:
+                            line += (
+                                f": two identical proxies differ by up to {worst:,} µs, so "
+                                f"this run cannot resolve {ADDED_P99_TARGET_US} µs at p99"
+                            )
                 print(line)
             t = block.get("tollgate")
             if t and "journal_lines" in t:
