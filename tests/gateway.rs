@@ -65,6 +65,35 @@ async fn openai_chat_non_streaming_is_metered_exactly() {
 }
 
 #[tokio::test]
+async fn hop_by_hop_and_expect_headers_stay_at_the_gateway() {
+    let h = Harness::start().await;
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat("gpt-4o", 3, false))
+        .header("expect", "100-continue")
+        .header("proxy-connection", "keep-alive")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("x-request-tag", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = h.mock.received();
+    let headers = &seen.last().unwrap().headers;
+    let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+    for dropped in ["expect", "proxy-connection", "keep-alive", "te"] {
+        assert!(!names.contains(&dropped), "{dropped} forwarded: {names:?}");
+    }
+    // End-to-end headers go through as they are.
+    assert!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "x-request-tag" && v == "kept"),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
 async fn cached_and_reasoning_tokens_are_recorded() {
     let h = Harness::start().await;
     let resp = h

@@ -724,8 +724,13 @@ fn build_upstream_request(
     Ok(req)
 }
 
+/// Whether a client header goes upstream. Not: hop-by-hop headers, those tollgate sets
+/// (host, length, credentials) or reads (`x-tollgate-*`), and `expect`: the body is read
+/// whole (and `100 Continue` answered) before the request leaves, so an upstream asked to
+/// confirm it would only add an interim response.
 fn is_forwardable(name: &HeaderName) -> bool {
     !(HOP_BY_HOP.contains(name)
+        || name == header::EXPECT
         || name == header::HOST
         || name == header::CONTENT_LENGTH
         || name == header::AUTHORIZATION
