@@ -839,6 +839,77 @@ tpm = 1000
     );
 }
 
+const GAIL: &str = "tg-test-gail-rpm-broke";
+const HANK: &str = "tg-test-hank-rpm-tpm";
+
+#[tokio::test]
+async fn requests_the_gateway_refuses_do_not_use_up_the_keys_rates() {
+    let extra = format!(
+        "{}
+[[accounts]]
+id = \"broke\"
+hard_cap = \"0.000001\"
+
+[[keys]]
+id = \"gail\"
+sha256 = \"{}\"
+account = \"broke\"
+rpm = 2
+
+[[keys]]
+id = \"hank\"
+sha256 = \"{}\"
+account = \"initech\"
+rpm = 2
+tpm = 1000
+",
+        Price::gpt4o().toml("model = \"gpt-4o\""),
+        hash(GAIL),
+        hash(HANK),
+    );
+    let h = Harness::start_with("", &extra).await;
+    let small = chat("gpt-4o", "hi", Some(4), false);
+
+    // Two a minute, but an account that cannot afford any call: each is refused for its
+    // cap (402), and none of the refusals counts, so the fourth is not a 429. Neither does a
+    // model the price book does not know.
+    for i in 0..4 {
+        let resp = h.openai(CHAT, GAIL, small.clone()).send().await.unwrap();
+        assert_eq!(resp.status(), 402, "request {i}");
+        resp.text().await.unwrap();
+    }
+    for i in 0..3 {
+        let resp = h
+            .openai(CHAT, GAIL, chat("mystery-model", "hi", Some(4), false))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(resp.status(), 429, "unpriced request {i}");
+        assert!(resp.status().is_client_error(), "unpriced request {i}");
+        resp.text().await.unwrap();
+    }
+
+    // A request its tokens-per-minute limit refuses gives back the request it took from the
+    // requests-per-minute limit: after a big prompt passes and a second is refused (tpm),
+    // one more small request still fits in the two a minute; the one after it does not.
+    let big = chat("gpt-4o", &words(300), Some(10), false);
+    let mut seen = Vec::new();
+    for body in [big.clone(), big, small.clone(), small] {
+        let resp = h.openai(CHAT, HANK, body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        seen.push((
+            status,
+            v["error"]["message"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    let codes: Vec<u16> = seen.iter().map(|(c, _)| *c).collect();
+    assert_eq!(codes, [200, 429, 200, 429], "{seen:?}");
+    assert!(seen[1].1.contains("1000 tokens per minute"), "{seen:?}");
+    assert!(seen[3].1.contains("2 requests per minute"), "{seen:?}");
+    assert_eq!(h.mock.request_count(), 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Concurrency.
 // ---------------------------------------------------------------------------------------------

@@ -42,6 +42,20 @@ impl Gcra {
             }
         }
     }
+
+    /// Gives back `cost` units that [`Gcra::check`] admitted against the same `per_minute`:
+    /// for a request refused later, which must not count against the limit.
+    pub fn refund(&self, per_minute: u64, cost: u64) {
+        if per_minute == 0 {
+            return;
+        }
+        let increment = (MINUTE_NANOS / per_minute).saturating_mul(cost.max(1));
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(increment))
+            });
+    }
 }
 
 /// A key's limiters (live state, outside the config snapshot).
@@ -82,6 +96,32 @@ mod tests {
         let g = Gcra::default();
         g.check(t0, 1000, 5000).unwrap();
         assert!(g.check(t0 + MINUTE_NANOS, 1000, 1).is_err());
+    }
+
+    #[test]
+    fn a_refund_gives_back_exactly_what_was_taken() {
+        let g = Gcra::default();
+        let t0 = 1_000 * MINUTE_NANOS;
+        g.check(t0, 3, 1).unwrap();
+        g.check(t0, 3, 1).unwrap();
+        g.check(t0, 3, 1).unwrap();
+        assert!(g.check(t0, 3, 1).is_err());
+        g.refund(3, 1);
+        g.check(t0, 3, 1).unwrap();
+        assert!(g.check(t0, 3, 1).is_err());
+        // Tokens: a refund of 400 admits 400 again, not more.
+        let g = Gcra::default();
+        g.check(t0, 1000, 1000).unwrap();
+        g.refund(1000, 400);
+        assert!(g.check(t0, 1000, 401).is_err());
+        g.check(t0, 1000, 400).unwrap();
+        // A refund on an idle limiter leaves it as it was: still no more than the burst.
+        let g = Gcra::default();
+        g.refund(3, 1);
+        for _ in 0..3 {
+            g.check(t0, 3, 1).unwrap();
+        }
+        assert!(g.check(t0, 3, 1).is_err());
     }
 
     #[test]

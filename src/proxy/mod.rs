@@ -352,12 +352,13 @@ impl Gateway {
             })?;
         let policy = key.policy.clone();
         let account = self.balances.account(&policy, now);
-        self.throttle(key, &account, 0)?;
+        let charge = self.throttle(key, &account, 0)?;
         let reservation = if policy.is_limited() {
             Some(account.reserve(&policy, policy.reservation_for(rated), now)?)
         } else {
             None
         };
+        charge.keep();
         let mut record = crate::ledger::UsageRecord {
             id: uuid::Uuid::now_v7(),
             timestamp: now,
@@ -454,7 +455,8 @@ impl Gateway {
         };
         let cheap_input =
             body.len() as u64 / snapshot.config.reservation.prompt_bytes_per_token + 1;
-        self.throttle(key, &account, cheap_input + output_tokens)?;
+        // Refunded if admission fails further down (or this future is dropped).
+        let charge = self.throttle(key, &account, cheap_input + output_tokens)?;
 
         let mut reservation = None;
         let mut reserved_output_tokens = None;
@@ -495,6 +497,7 @@ impl Gateway {
             reserved_output_tokens = Some(output_tokens);
         }
         let alerts = self.alert_route(key);
+        charge.keep();
         Ok(Billing {
             price,
             account,
@@ -521,20 +524,22 @@ impl Gateway {
         })
     }
 
-    /// Per-key request and token rates, and the slow-down near the account's cap.
+    /// Per-key request and token rates, and the slow-down near the account's cap. What it
+    /// takes is given back if the request is refused later (see [`ThrottleCharge`]); a limit
+    /// that refuses gives back what the limits before it took.
     fn throttle(
         &self,
         key: &ApiKey,
         account: &AccountState,
         tokens: u64,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<ThrottleCharge, GatewayError> {
         let slowdown = key
             .policy
             .slowdown
             .as_ref()
             .filter(|s| account.cap_used_ppb(&key.policy) >= s.at_ppb);
         if key.rpm.is_none() && key.tpm.is_none() && slowdown.is_none() {
-            return Ok(());
+            return Ok(ThrottleCharge::default());
         }
         let throttle = match self.throttles.get(&key.id) {
             Some(t) => t.clone(),
@@ -549,17 +554,23 @@ impl Gateway {
             limit,
             retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
         };
+        let mut charge = ThrottleCharge {
+            throttle: Some(throttle.clone()),
+            ..ThrottleCharge::default()
+        };
         if let Some(rpm) = key.rpm {
             throttle
                 .requests
                 .check(now, rpm, 1)
                 .map_err(|w| limited(format!("{rpm} requests per minute for this key"), w))?;
+            charge.requests = Some(rpm);
         }
         if let Some(tpm) = key.tpm {
             throttle
                 .tokens
                 .check(now, tpm, tokens)
                 .map_err(|w| limited(format!("{tpm} tokens per minute for this key"), w))?;
+            charge.tokens = Some((tpm, tokens));
         }
         if let Some(s) = slowdown {
             throttle
@@ -574,8 +585,51 @@ impl Gateway {
                         w,
                     )
                 })?;
+            charge.slowdown = Some(u64::from(s.rpm));
         }
-        Ok(())
+        Ok(charge)
+    }
+}
+
+/// What [`Gateway::throttle`] took from a key's limiters. Dropped without [`keep`]
+/// (a refusal further on in admission, a 402 or an unpriced model, or a client gone before
+/// the request went upstream), it gives it back: a request the gateway refused does not use
+/// up the key's rates.
+///
+/// [`keep`]: ThrottleCharge::keep
+#[derive(Default)]
+#[must_use]
+struct ThrottleCharge {
+    throttle: Option<Arc<KeyThrottle>>,
+    /// The requests-per-minute limit one request was taken from.
+    requests: Option<u64>,
+    /// The tokens-per-minute limit, and the tokens taken from it.
+    tokens: Option<(u64, u64)>,
+    /// The slow-down's requests-per-minute limit one request was taken from.
+    slowdown: Option<u64>,
+}
+
+impl ThrottleCharge {
+    /// The request was admitted: what was taken stays taken.
+    fn keep(mut self) {
+        self.throttle = None;
+    }
+}
+
+impl Drop for ThrottleCharge {
+    fn drop(&mut self) {
+        let Some(throttle) = self.throttle.take() else {
+            return;
+        };
+        if let Some(rpm) = self.requests {
+            throttle.requests.refund(rpm, 1);
+        }
+        if let Some((tpm, tokens)) = self.tokens {
+            throttle.tokens.refund(tpm, tokens);
+        }
+        if let Some(rpm) = self.slowdown {
+            throttle.slowdown.refund(rpm, 1);
+        }
     }
 }
 
