@@ -20,6 +20,8 @@ pub enum GatewayError {
     MalformedJson(String),
     #[error("request body must include a string `model`")]
     MissingModel,
+    #[error("`model` is {len} bytes long; at most {max} are accepted")]
+    ModelTooLong { len: usize, max: usize },
     #[error("request body is larger than the {limit}-byte limit")]
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
@@ -59,6 +61,7 @@ impl GatewayError {
             }
             GatewayError::MalformedJson(_)
             | GatewayError::MissingModel
+            | GatewayError::ModelTooLong { .. }
             | GatewayError::BodyRead(_) => (StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest),
             GatewayError::BodyTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::RequestTooLarge)

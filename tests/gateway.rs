@@ -596,6 +596,56 @@ async fn malformed_and_oversized_bodies_get_dialect_errors() {
 }
 
 #[tokio::test]
+async fn a_model_name_longer_than_1024_bytes_is_refused_before_the_upstream() {
+    let h = Harness::start().await;
+    let long = format!("gpt-{}", "x".repeat(1021));
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat(&long, 3, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1025 bytes long; at most 1024"),
+        "{message}"
+    );
+    // The name is not echoed back.
+    assert!(!message.contains(&long[..100]), "{message}");
+
+    let resp = h
+        .anthropic(
+            ALICE,
+            json!({"model": long, "max_tokens": 5, "messages": []}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error"))
+    );
+    assert_eq!(h.mock.request_count(), 0);
+
+    // At the limit, the request goes through and is recorded with its model.
+    let at_limit = &long[..1024];
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat(at_limit, 3, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = record_id(&resp);
+    resp.text().await.unwrap();
+    let r = h.record(1, &id).await;
+    assert_eq!(r.model.as_deref(), Some(at_limit));
+}
+
+#[tokio::test]
 async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = closed.local_addr().unwrap();

@@ -485,9 +485,12 @@ impl SegmentJournal {
         }
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0u8; FRAME_HEADER]);
+        // What the reader would refuse as corrupt is not written.
         let framed = entry.write_json(&mut self.pending).and_then(|()| {
             u32::try_from(self.pending.len() - start - FRAME_HEADER)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))
+                .ok()
+                .filter(|&len| len <= MAX_FRAME_PAYLOAD)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))
         });
         let len = match framed {
             Ok(len) => len,
@@ -788,6 +791,34 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_entry_the_reader_would_refuse_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _, _) = open_collecting(dir.path(), 64 * 1024 * 1024);
+        j.append(&[grant(1)]).unwrap();
+        j.flush().unwrap();
+        let LedgerEntry::Grant(mut huge) = grant(2) else {
+            unreachable!()
+        };
+        huge.grant_id = "x".repeat(MAX_FRAME_PAYLOAD as usize + 1);
+        let e = j.append(&[LedgerEntry::Grant(huge)]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        // As after any failed append: the journal holds what it held before.
+        assert_eq!(j.last_seq(), 1);
+        j.append(&[grant(3)]).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (_, _, entries) = open_collecting(dir.path(), 64 * 1024 * 1024);
+        let ids: Vec<(u64, String)> = entries
+            .into_iter()
+            .map(|(seq, e)| match e {
+                LedgerEntry::Grant(g) => (seq, g.grant_id),
+                LedgerEntry::Usage(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(ids, [(1, "g1".to_string()), (2, "g3".to_string())]);
     }
 
     #[test]

@@ -48,6 +48,11 @@ const RECORD_ID: HeaderName = HeaderName::from_static(HEADER_RECORD_ID);
 /// Longest dimension value kept; longer values are cut (on a character boundary).
 const MAX_DIMENSION_BYTES: usize = 256;
 
+/// Longest `model` accepted. Real names (fine-tunes, deployment ARNs) are far shorter; the
+/// name goes into the usage record, error messages and sinks, and a body-sized one would make
+/// a journal entry larger than the journal accepts.
+pub const MAX_MODEL_BYTES: usize = 1024;
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those tollgate
 /// sets itself.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -188,6 +193,14 @@ impl Gateway {
             }
             facts
         };
+        if let Some(model) = &facts.model
+            && model.len() > MAX_MODEL_BYTES
+        {
+            return Err(GatewayError::ModelTooLong {
+                len: model.len(),
+                max: MAX_MODEL_BYTES,
+            });
+        }
 
         // Resolve the route.
         let upstream = snapshot
@@ -645,6 +658,7 @@ fn refusal_reason(e: &GatewayError) -> Option<RefusalReason> {
         GatewayError::RateLimited { .. } => Some(RefusalReason::RateLimit),
         GatewayError::MalformedJson(_)
         | GatewayError::MissingModel
+        | GatewayError::ModelTooLong { .. }
         | GatewayError::BodyTooLarge { .. }
         | GatewayError::BodyRead(_)
         | GatewayError::NoRoute { .. }
