@@ -28,10 +28,11 @@
 #      The load comes from tollgate-loadgen (src/bin/tollgate-loadgen.rs, built with the
 #      other binaries): open loop, 32 connections, each send at its own time with
 #      sub-millisecond precision, Poisson arrivals (ARRIVALS=uniform: evenly spaced).
-#      INTERLEAVE=1 (default): each round is one loadgen run in which the two proxies take
-#      turns every EPOCH_MS (200) ms, HALF_DURATION of turns each, so the machine's slow
-#      swings in speed (seen here: either proxy's p99 moving 2-3x between runs a minute
-#      apart) hit both alike and the added p99 of a round compares like with like.
+#      INTERLEAVE=1 (default): each round is one loadgen run in which the proxies take
+#      turns of EPOCH_MS (200) ms, in an order shuffled every cycle, HALF_DURATION of turns
+#      each, so the machine's slow swings in speed (seen here: either proxy's p99 moving
+#      2-3x between runs a minute apart) hit them alike and the added p99 of a round
+#      compares like with like; the verdict uses the median of the rounds' differences.
 #      INTERLEAVE=0: one run per proxy, alternating, as for max throughput.
 #      CONTROL=1 (default, with INTERLEAVE=1): a second nginx, identical to the baseline,
 #      takes turns with the other two. baseline vs control is an A/A comparison: what p99
@@ -377,7 +378,8 @@ run_load() {
     stream) stream=1 max_tokens=50 ;;
     *) die "unknown scenario $sc (chat, stream)" ;;
   esac
-  local out="$WORK/load-$kind-$sc-$round-${targets_here[*]// /-}.out" m0 all_pids=""
+  local joined="${targets_here[*]}"
+  local out="$WORK/load-$kind-$sc-$round-${joined// /-}.out" m0 all_pids=""
   declare -A p0=()
   for t in "${targets_here[@]}"; do
     # shellcheck disable=SC2046
@@ -561,7 +563,7 @@ for sc in "${scenario_list[@]}"; do
     half=$(( $(tollgate_max_rps "$sc") / 2 ))
   fi
   if [ "$LATENCY_AT_HALF" = 1 ] && [ "$half" -gt 0 ]; then
-    log "scenario $sc: constant rate $half req/s (half of tollgate's max)"
+    log "scenario $sc: constant rate $half req/s (${HALF_RATE:+HALF_RATE, not }half of tollgate's max)"
     run_rounds half "$sc" "$HALF_DURATION" "$half"
   fi
   stop_proxy "$TG_PID"
@@ -590,7 +592,7 @@ cat >"$WORK/config.json" <<EOF
  "baseline": "$baseline_version", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
  "pacer": "$PACER", "arrivals": "$ARRIVALS",
  "interleave": $([ "$INTERLEAVE" = 1 ] && echo true || echo false), "epoch_ms": $EPOCH_MS,
- "control": $([ "$CONTROL" = 1 ] && echo true || echo false),
+ "control": $([ "$CONTROL" = 1 ] && echo true || echo false), "half_rate": ${HALF_RATE:-null},
  "half_note": "$half_note"}
 EOF
 mkdir -p "$TARGET_DIR"

@@ -870,24 +870,27 @@ tpm = 1000
     let h = Harness::start_with("", &extra).await;
     let small = chat("gpt-4o", "hi", Some(4), false);
 
-    // Two a minute, but an account that cannot afford any call: each is refused for its
-    // cap (402), and none of the refusals counts, so the fourth is not a 429. Neither does a
-    // model the price book does not know.
+    // Two a minute, on an account with a spend limit: a model the price book does not know
+    // is refused (402) before anything is counted, and such refusals leave the limit alone.
     for i in 0..4 {
-        let resp = h.openai(CHAT, GAIL, small.clone()).send().await.unwrap();
-        assert_eq!(resp.status(), 402, "request {i}");
-        resp.text().await.unwrap();
-    }
-    for i in 0..3 {
         let resp = h
             .openai(CHAT, GAIL, chat("mystery-model", "hi", Some(4), false))
             .send()
             .await
             .unwrap();
-        assert_ne!(resp.status(), 429, "unpriced request {i}");
-        assert!(resp.status().is_client_error(), "unpriced request {i}");
+        assert_eq!(resp.status(), 402, "unpriced request {i}");
         resp.text().await.unwrap();
     }
+    // A call the account cannot afford is refused only after tollgate counted its prompt
+    // exactly (the cheap estimate might have been too high): that counted request is a
+    // request for the limit, so the third such call in the minute is a 429.
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let resp = h.openai(CHAT, GAIL, small.clone()).send().await.unwrap();
+        codes.push(resp.status().as_u16());
+        resp.text().await.unwrap();
+    }
+    assert_eq!(codes, [402, 402, 429]);
 
     // A request its tokens-per-minute limit refuses gives back the request it took from the
     // requests-per-minute limit: after a big prompt passes and a second is refused (tpm),

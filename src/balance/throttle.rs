@@ -15,10 +15,19 @@ pub struct Gcra {
     tat: AtomicU64,
 }
 
+/// What one [`Gcra::check`] took, for [`Gcra::refund`].
+#[derive(Clone, Copy, Debug)]
+pub struct Admitted {
+    /// The limit's theoretical arrival time this admission moved forward, nanoseconds.
+    increment: u64,
+    /// Where it moved it to: the admission's share runs out then.
+    until: u64,
+}
+
 impl Gcra {
     /// Admits `cost` units against a limit of `per_minute`, or says how long until it would.
     /// `now` is nanoseconds on a monotonic clock (e.g. since process start).
-    pub fn check(&self, now: u64, per_minute: u64, cost: u64) -> Result<(), Duration> {
+    pub fn check(&self, now: u64, per_minute: u64, cost: u64) -> Result<Admitted, Duration> {
         if per_minute == 0 {
             return Err(Duration::from_secs(60));
         }
@@ -37,23 +46,30 @@ impl Gcra {
                 .tat
                 .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    return Ok(Admitted {
+                        increment,
+                        until: new_tat,
+                    });
+                }
                 Err(current) => tat = current,
             }
         }
     }
 
-    /// Gives back `cost` units that [`Gcra::check`] admitted against the same `per_minute`:
-    /// for a request refused later, which must not count against the limit.
-    pub fn refund(&self, per_minute: u64, cost: u64) {
-        if per_minute == 0 {
+    /// Gives back what `admitted` took, at `now`, for a request refused after it passed:
+    /// only the part not yet run out (an admission's share of the limit drains with time
+    /// like any other; giving back more would take it from later admissions and let the
+    /// limit admit more than its burst).
+    pub fn refund(&self, admitted: Admitted, now: u64) {
+        let left = admitted.until.saturating_sub(now).min(admitted.increment);
+        if left == 0 {
             return;
         }
-        let increment = (MINUTE_NANOS / per_minute).saturating_mul(cost.max(1));
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                Some(tat.saturating_sub(increment))
+                Some(tat.saturating_sub(left))
             });
     }
 }
@@ -104,24 +120,46 @@ mod tests {
         let t0 = 1_000 * MINUTE_NANOS;
         g.check(t0, 3, 1).unwrap();
         g.check(t0, 3, 1).unwrap();
-        g.check(t0, 3, 1).unwrap();
+        let third = g.check(t0, 3, 1).unwrap();
         assert!(g.check(t0, 3, 1).is_err());
-        g.refund(3, 1);
+        g.refund(third, t0);
         g.check(t0, 3, 1).unwrap();
         assert!(g.check(t0, 3, 1).is_err());
         // Tokens: a refund of 400 admits 400 again, not more.
         let g = Gcra::default();
-        g.check(t0, 1000, 1000).unwrap();
-        g.refund(1000, 400);
+        g.check(t0, 1000, 600).unwrap();
+        let four_hundred = g.check(t0, 1000, 400).unwrap();
+        g.refund(four_hundred, t0);
         assert!(g.check(t0, 1000, 401).is_err());
         g.check(t0, 1000, 400).unwrap();
-        // A refund on an idle limiter leaves it as it was: still no more than the burst.
+    }
+
+    #[test]
+    fn a_late_refund_gives_back_only_what_has_not_run_out() {
+        // Two a minute: A at t0, then, 40 s on, B and C (A's 30 s share has run out; B and
+        // C use the whole burst). A's refund then must not make room for a fourth.
         let g = Gcra::default();
-        g.refund(3, 1);
-        for _ in 0..3 {
-            g.check(t0, 3, 1).unwrap();
-        }
-        assert!(g.check(t0, 3, 1).is_err());
+        let t0 = 1_000 * MINUTE_NANOS;
+        let a = g.check(t0, 2, 1).unwrap();
+        let t1 = t0 + 40 * 1_000_000_000;
+        g.check(t1, 2, 1).unwrap();
+        g.check(t1, 2, 1).unwrap();
+        assert!(g.check(t1, 2, 1).is_err());
+        g.refund(a, t1);
+        assert!(
+            g.check(t1, 2, 1).is_err(),
+            "a refund admitted more than the burst"
+        );
+        // Refunded half-way through its share, an admission gives back the half left.
+        let g = Gcra::default();
+        let a = g.check(t0, 2, 1).unwrap();
+        g.check(t0, 2, 1).unwrap();
+        let half = t0 + 15 * 1_000_000_000;
+        assert!(g.check(half, 2, 1).is_err());
+        g.refund(a, half);
+        // 15 s given back: room for one more at `half`, not two.
+        g.check(half, 2, 1).unwrap();
+        assert!(g.check(half, 2, 1).is_err());
     }
 
     #[test]

@@ -120,6 +120,9 @@ fn main() -> anyhow::Result<()> {
     if args.connections == 0 || args.nkeys == 0 || args.epoch_ms == 0 {
         bail!("--connections, --nkeys and --epoch-ms must be at least 1");
     }
+    if args.addr.len() > MAX_TARGETS {
+        bail!("at most {MAX_TARGETS} --addr");
+    }
     set_timer_slack_ns(1);
     let requests: Vec<Vec<Vec<u8>>> = args
         .addr
@@ -143,7 +146,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Which target's turn it is when: `n` targets, turns of `epoch` each from `start`.
+/// Which target's turn it is when: `n` targets, turns of `epoch` each from `start`. Every
+/// target has one turn per cycle of `n` turns, in an order shuffled per cycle (fixed by the
+/// cycle's number), so that no target always takes over from the same one: a turn begins
+/// with the core warm from, and still finishing the last responses of, the one before.
 #[derive(Clone, Copy, Debug)]
 struct Turns {
     start: Instant,
@@ -154,8 +160,21 @@ struct Turns {
 impl Turns {
     /// The target whose turn it is at `t` (the first one before `start`).
     fn owner(&self, t: Instant) -> usize {
-        let since = t.saturating_duration_since(self.start).as_nanos();
-        ((since / self.epoch.as_nanos()) % self.n as u128) as usize
+        let turn = t.saturating_duration_since(self.start).as_nanos() / self.epoch.as_nanos();
+        let n = self.n as u128;
+        self.order(turn / n)[(turn % n) as usize]
+    }
+
+    /// The targets in the order of their turns in `cycle`: a Fisher-Yates shuffle driven by
+    /// splitmix64 of the cycle number.
+    fn order(&self, cycle: u128) -> [usize; MAX_TARGETS] {
+        let mut order = std::array::from_fn(|i| i);
+        let mut x = cycle as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        for i in (1..self.n).rev() {
+            x = splitmix64(x);
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        order
     }
 
     /// How much of the first `span` after `start` is target `k`'s.
@@ -164,9 +183,23 @@ impl Turns {
         let span = span.as_nanos();
         let whole_cycles = span / (epoch * n);
         let rest = span - whole_cycles * epoch * n;
-        let in_rest = rest.saturating_sub(k as u128 * epoch).min(epoch);
+        // Its place in the last, unfinished cycle.
+        let order = self.order(whole_cycles);
+        let slot = order[..self.n].iter().position(|&t| t == k).unwrap_or(0) as u128;
+        let in_rest = rest.saturating_sub(slot * epoch).min(epoch);
         Duration::from_nanos((whole_cycles * epoch + in_rest) as u64)
     }
+}
+
+/// Most `--addr`s one run takes turns between.
+const MAX_TARGETS: usize = 8;
+
+/// One step of splitmix64 (a fast, well-mixed sequence from any seed).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// One request per key, formatted once.
@@ -336,6 +369,15 @@ impl Run {
                 }
                 if next > now + COALESCE {
                     earliest = earlier(earliest, next);
+                    continue;
+                }
+                if self.turns.n > 1 && self.turns.owner(now) != target {
+                    // Held back (its previous response was still out) until another
+                    // target's turn: left out, as if it had fallen in that turn.
+                    self.conns[i].next = self.in_turn(target, now);
+                    if self.conns[i].next < self.end {
+                        earliest = earlier(earliest, self.conns[i].next);
+                    }
                     continue;
                 }
                 if now - next > LATE {
@@ -798,19 +840,47 @@ mod tests {
             n: 2,
         };
         let at = |ms| start + Duration::from_millis(ms);
-        let owners: Vec<usize> = [0, 199, 200, 399, 400, 650, 999, 1000]
-            .iter()
-            .map(|&ms| turns.owner(at(ms)))
-            .collect();
-        assert_eq!(owners, [0, 0, 1, 1, 0, 1, 0, 1]);
-        // 1.1 s: turns 0-200 (0), 200-400 (1), ... 800-1000 (0), 1000-1100 (1).
-        let span = Duration::from_millis(1100);
-        assert_eq!(turns.owned_time(0, span), Duration::from_millis(600));
-        assert_eq!(turns.owned_time(1, span), Duration::from_millis(500));
+        for n in 1..=4 {
+            let turns = Turns { n, ..turns };
+            // Every cycle of n turns gives each target one.
+            for cycle in 0..50 {
+                let mut seen: Vec<usize> = (0..n)
+                    .map(|slot| turns.owner(at(200 * (cycle * n as u64 + slot as u64))))
+                    .collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n}, cycle {cycle}");
+            }
+            // Owned time agrees with the owner, counted millisecond by millisecond, for spans
+            // that end in the middle of a cycle.
+            for span_ms in [0, 150, 1100, 1999, 2345] {
+                let mut counted = vec![0u64; n];
+                for ms in 0..span_ms {
+                    counted[turns.owner(at(ms))] += 1;
+                }
+                let span = Duration::from_millis(span_ms);
+                let owned: Vec<u64> = (0..n)
+                    .map(|k| turns.owned_time(k, span).as_millis() as u64)
+                    .collect();
+                assert_eq!(owned, counted, "n {n}, span {span_ms} ms");
+            }
+        }
+        // Three targets: each one takes over from each of the others, about equally often.
         let three = Turns { n: 3, ..turns };
-        let total: Duration = (0..3).map(|k| three.owned_time(k, span)).sum();
-        assert_eq!(total, span);
-        assert_eq!(three.owned_time(2, span), Duration::from_millis(300));
+        let order: Vec<usize> = (0..600).map(|i| three.owner(at(200 * i))).collect();
+        let mut follows = [[0u32; 3]; 3];
+        for w in order.windows(2) {
+            follows[w[1]][w[0]] += 1;
+        }
+        for (k, before) in follows.iter().enumerate() {
+            for (j, &count) in before.iter().enumerate() {
+                if j != k {
+                    assert!(
+                        count >= 60,
+                        "target {k} follows {j} {count} times: {follows:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

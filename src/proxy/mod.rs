@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use std::time::Instant;
 
 use crate::alert::Alerter;
-use crate::balance::throttle::KeyThrottle;
+use crate::balance::throttle::{Admitted, KeyThrottle};
 use crate::balance::{AccountState, Balances, Refusal};
 use crate::config::Dialect;
 use crate::error::GatewayError;
@@ -469,7 +469,7 @@ impl Gateway {
         let cheap_input =
             body.len() as u64 / snapshot.config.reservation.prompt_bytes_per_token + 1;
         // Refunded if admission fails further down (or this future is dropped).
-        let charge = self.throttle(key, &account, cheap_input + output_tokens)?;
+        let mut charge = self.throttle(key, &account, cheap_input + output_tokens)?;
 
         let mut reservation = None;
         let mut reserved_output_tokens = None;
@@ -491,6 +491,7 @@ impl Gateway {
                 Err(refusal @ (Refusal::HardCap { .. } | Refusal::InsufficientBalance { .. })) => {
                     // Close to the limit the cheap estimate may refuse a request the account
                     // can afford: count the prompt exactly (off the runtime threads) and retry.
+                    charge.keep_requests();
                     let model = facts.model.clone().unwrap_or_default();
                     let request = body.clone();
                     let exact = tokio::task::spawn_blocking(move || {
@@ -569,27 +570,28 @@ impl Gateway {
         };
         let mut charge = ThrottleCharge {
             throttle: Some(throttle.clone()),
+            clock: Some(self.clock),
             ..ThrottleCharge::default()
         };
         if let Some(rpm) = key.rpm {
-            throttle
-                .requests
-                .check(now, rpm, 1)
-                .map_err(|w| limited(format!("{rpm} requests per minute for this key"), w))?;
-            charge.requests = Some(rpm);
+            charge.requests = Some(
+                throttle
+                    .requests
+                    .check(now, rpm, 1)
+                    .map_err(|w| limited(format!("{rpm} requests per minute for this key"), w))?,
+            );
         }
         if let Some(tpm) = key.tpm {
-            throttle
-                .tokens
-                .check(now, tpm, tokens)
-                .map_err(|w| limited(format!("{tpm} tokens per minute for this key"), w))?;
-            charge.tokens = Some((tpm, tokens));
+            charge.tokens = Some(
+                throttle
+                    .tokens
+                    .check(now, tpm, tokens)
+                    .map_err(|w| limited(format!("{tpm} tokens per minute for this key"), w))?,
+            );
         }
         if let Some(s) = slowdown {
-            throttle
-                .slowdown
-                .check(now, u64::from(s.rpm), 1)
-                .map_err(|w| {
+            charge.slowdown = Some(throttle.slowdown.check(now, u64::from(s.rpm), 1).map_err(
+                |w| {
                     limited(
                         format!(
                             "{} requests per minute while spend is near the account's cap",
@@ -597,8 +599,8 @@ impl Gateway {
                         ),
                         w,
                     )
-                })?;
-            charge.slowdown = Some(u64::from(s.rpm));
+                },
+            )?);
         }
         Ok(charge)
     }
@@ -606,20 +608,22 @@ impl Gateway {
 
 /// What [`Gateway::throttle`] took from a key's limiters. Dropped without [`keep`]
 /// (a refusal further on in admission, a 402 or an unpriced model, or a client gone before
-/// the request went upstream), it gives it back: a request the gateway refused does not use
-/// up the key's rates.
+/// the request went upstream), it gives back what has not run out yet: a request the gateway
+/// refused does not use up the key's rates. A request whose prompt tollgate counted before
+/// refusing it keeps its request charges ([`keep_requests`]): that work is what the
+/// requests-per-minute limits bound.
 ///
 /// [`keep`]: ThrottleCharge::keep
+/// [`keep_requests`]: ThrottleCharge::keep_requests
 #[derive(Default)]
 #[must_use]
 struct ThrottleCharge {
     throttle: Option<Arc<KeyThrottle>>,
-    /// The requests-per-minute limit one request was taken from.
-    requests: Option<u64>,
-    /// The tokens-per-minute limit, and the tokens taken from it.
-    tokens: Option<(u64, u64)>,
-    /// The slow-down's requests-per-minute limit one request was taken from.
-    slowdown: Option<u64>,
+    /// Origin of the clock the limiters run on.
+    clock: Option<Instant>,
+    requests: Option<Admitted>,
+    tokens: Option<Admitted>,
+    slowdown: Option<Admitted>,
 }
 
 impl ThrottleCharge {
@@ -627,21 +631,29 @@ impl ThrottleCharge {
     fn keep(mut self) {
         self.throttle = None;
     }
+
+    /// Whatever happens next, the request counts against the requests-per-minute limits
+    /// (its tokens are still given back if it is refused).
+    fn keep_requests(&mut self) {
+        self.requests = None;
+        self.slowdown = None;
+    }
 }
 
 impl Drop for ThrottleCharge {
     fn drop(&mut self) {
-        let Some(throttle) = self.throttle.take() else {
+        let (Some(throttle), Some(clock)) = (self.throttle.take(), self.clock) else {
             return;
         };
-        if let Some(rpm) = self.requests {
-            throttle.requests.refund(rpm, 1);
-        }
-        if let Some((tpm, tokens)) = self.tokens {
-            throttle.tokens.refund(tpm, tokens);
-        }
-        if let Some(rpm) = self.slowdown {
-            throttle.slowdown.refund(rpm, 1);
+        let now = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        for (limit, admitted) in [
+            (&throttle.requests, self.requests),
+            (&throttle.tokens, self.tokens),
+            (&throttle.slowdown, self.slowdown),
+        ] {
+            if let Some(admitted) = admitted {
+                limit.refund(admitted, now);
+            }
         }
     }
 }
