@@ -840,6 +840,7 @@ tpm = 1000
 }
 
 const GAIL: &str = "tg-test-gail-rpm-broke";
+const IVAN: &str = "tg-test-ivan-tpm-broke";
 const HANK: &str = "tg-test-hank-rpm-tpm";
 
 #[tokio::test]
@@ -857,6 +858,12 @@ account = \"broke\"
 rpm = 2
 
 [[keys]]
+id = \"ivan\"
+sha256 = \"{}\"
+account = \"broke\"
+tpm = 1000
+
+[[keys]]
 id = \"hank\"
 sha256 = \"{}\"
 account = \"initech\"
@@ -865,6 +872,7 @@ tpm = 1000
 ",
         Price::gpt4o().toml("model = \"gpt-4o\""),
         hash(GAIL),
+        hash(IVAN),
         hash(HANK),
     );
     let h = Harness::start_with("", &extra).await;
@@ -891,6 +899,16 @@ tpm = 1000
         resp.text().await.unwrap();
     }
     assert_eq!(codes, [402, 402, 429]);
+    // Its tokens, though, are given back: two big prompts (each over half of 1000 tokens a
+    // minute) refused for the cap are both 402s, not a 402 and a 429.
+    let big = chat("gpt-4o", &words(300), Some(10), false);
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        let resp = h.openai(CHAT, IVAN, big.clone()).send().await.unwrap();
+        codes.push(resp.status().as_u16());
+        resp.text().await.unwrap();
+    }
+    assert_eq!(codes, [402, 402]);
 
     // A request its tokens-per-minute limit refuses gives back the request it took from the
     // requests-per-minute limit: after a big prompt passes and a second is refused (tpm),

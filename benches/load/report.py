@@ -276,7 +276,7 @@ def main():
                         late = sum(block[t]["late_sends"] for t in TARGETS if t in block)
                         sent = sum(block[t]["requests"] for t in TARGETS if t in block)
                         line += f"; sends > 50 µs late: {late / max(sent, 1):.0%}"
-                    if "control_p99_us" in block:
+                    if block.get("control_p99_us") is not None:
                         aa = block["control_p99_each_us"]
                         line += (
                             f"\n  - A/A control (second nginx − baseline): p99 "

@@ -13,6 +13,8 @@ const MINUTE_NANOS: u64 = 60_000_000_000;
 pub struct Gcra {
     /// Theoretical arrival time, nanoseconds on the caller's monotonic clock.
     tat: AtomicU64,
+    /// Nanoseconds given back by refunds so far (see [`Gcra::refund`]).
+    refunded: AtomicU64,
 }
 
 /// What one [`Gcra::check`] took, for [`Gcra::refund`].
@@ -20,8 +22,11 @@ pub struct Gcra {
 pub struct Admitted {
     /// The limit's theoretical arrival time this admission moved forward, nanoseconds.
     increment: u64,
-    /// Where it moved it to: the admission's share runs out then.
+    /// Where it moved it to: the admission's share runs out then (earlier if admissions
+    /// before it are refunded).
     until: u64,
+    /// The limit's `refunded` when it was admitted.
+    refunded_before: u64,
 }
 
 impl Gcra {
@@ -34,6 +39,7 @@ impl Gcra {
         let interval = MINUTE_NANOS / per_minute;
         let increment = interval.saturating_mul(cost.max(1));
         let tolerance = MINUTE_NANOS;
+        let refunded_before = self.refunded.load(Ordering::Acquire);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let start = tat.max(now);
@@ -50,6 +56,7 @@ impl Gcra {
                     return Ok(Admitted {
                         increment,
                         until: new_tat,
+                        refunded_before,
                     });
                 }
                 Err(current) => tat = current,
@@ -60,12 +67,20 @@ impl Gcra {
     /// Gives back what `admitted` took, at `now`, for a request refused after it passed:
     /// only the part not yet run out (an admission's share of the limit drains with time
     /// like any other; giving back more would take it from later admissions and let the
-    /// limit admit more than its burst).
+    /// limit admit more than its burst). Refunds since it was admitted may have moved its
+    /// share earlier; all of them are assumed to have, so a refund can fall short (the
+    /// limit stays a little stricter) but never gives back too much.
     pub fn refund(&self, admitted: Admitted, now: u64) {
-        let left = admitted.until.saturating_sub(now).min(admitted.increment);
+        let moved = self
+            .refunded
+            .load(Ordering::Acquire)
+            .saturating_sub(admitted.refunded_before);
+        let until = admitted.until.saturating_sub(moved);
+        let left = until.saturating_sub(now).min(admitted.increment);
         if left == 0 {
             return;
         }
+        self.refunded.fetch_add(left, Ordering::AcqRel);
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
@@ -160,6 +175,27 @@ mod tests {
         // 15 s given back: room for one more at `half`, not two.
         g.check(half, 2, 1).unwrap();
         assert!(g.check(half, 2, 1).is_err());
+    }
+
+    #[test]
+    fn refunds_out_of_order_never_admit_more_than_the_burst() {
+        // Three a minute. X and Y at t0, X refunded at once (Y's share now ends 20 s in).
+        // At 20 s Z is admitted and Y refunded: Y's share has run out, so nothing comes
+        // back, and only two more fit (Z plus two: the burst of three), not three.
+        let g = Gcra::default();
+        let t0 = 1_000 * MINUTE_NANOS;
+        let x = g.check(t0, 3, 1).unwrap();
+        let y = g.check(t0, 3, 1).unwrap();
+        g.refund(x, t0);
+        let t1 = t0 + 20 * 1_000_000_000;
+        g.check(t1, 3, 1).unwrap();
+        g.refund(y, t1);
+        g.check(t1, 3, 1).unwrap();
+        g.check(t1, 3, 1).unwrap();
+        assert!(
+            g.check(t1, 3, 1).is_err(),
+            "four admitted at once against a burst of three"
+        );
     }
 
     #[test]

@@ -19,9 +19,9 @@
 //! chat body of `benches/load/chat.lua`. The result is one line `LOADJSON {...}` in the
 //! same shape as chat.lua's, so the bench reads either.
 //!
-//! Several `--addr`s: the targets take turns, `--epoch-ms` each (target k owns epochs
-//! k, k + n, k + 2n, ...), each with its own `--connections` connections and send times
-//! that fall only in its own epochs (at `--rate` while it is its turn). One `LOADJSON` line
+//! Several `--addr`s: the targets take turns, `--epoch-ms` each, one turn each per cycle in
+//! an order shuffled per cycle, each with its own `--connections` connections and send
+//! times that fall only in its own turns (at `--rate` while it is its turn). One `LOADJSON` line
 //! per target, with its `addr`; its `duration_us` is the time it was its turn. Slow drifts
 //! in the machine's speed (another tenant, frequency, the hypervisor) then hit every target
 //! alike, which separate runs seconds apart cannot promise: the comparison of their tails is
@@ -371,10 +371,16 @@ impl Run {
                     earliest = earlier(earliest, next);
                     continue;
                 }
-                if self.turns.n > 1 && self.turns.owner(now) != target {
+                if now > next && self.turns.n > 1 && self.turns.owner(now) != target {
                     // Held back (its previous response was still out) until another
-                    // target's turn: left out, as if it had fallen in that turn.
-                    self.conns[i].next = self.in_turn(target, now);
+                    // target's turn: left out, with any others due meanwhile, as if they
+                    // had fallen in that turn.
+                    let mut t = next;
+                    while t <= now {
+                        let after = t + self.draw_gap();
+                        t = self.in_turn(target, after);
+                    }
+                    self.conns[i].next = t;
                     if self.conns[i].next < self.end {
                         earliest = earlier(earliest, self.conns[i].next);
                     }
