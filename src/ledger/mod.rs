@@ -1164,23 +1164,20 @@ mod tests {
         assert_eq!(grant_ids(dir.path()), expected);
     }
 
-    /// A journal that counts its appends (calls, not entries) and names the threads that
-    /// made full appends (the only kind that may rotate a segment).
-    struct CountingJournal {
+    /// A segment journal that calls `before_append(full)` ahead of each append: `full` for
+    /// `append` (the only kind that may rotate a segment), not for `append_within_segment`.
+    struct HookedJournal {
         inner: SegmentJournal,
-        appends: Arc<AtomicU64>,
-        rotating_threads: Arc<Mutex<Vec<String>>>,
+        before_append: Box<dyn FnMut(bool) + Send>,
     }
 
-    impl Journal for CountingJournal {
+    impl Journal for HookedJournal {
         fn append(&mut self, batch: &[LedgerEntry]) -> std::io::Result<()> {
-            self.appends.fetch_add(1, Ordering::Relaxed);
-            let thread = std::thread::current().name().unwrap_or("?").to_string();
-            lock(&self.rotating_threads).push(thread);
+            (self.before_append)(true);
             self.inner.append(batch)
         }
         fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> std::io::Result<usize> {
-            self.appends.fetch_add(1, Ordering::Relaxed);
+            (self.before_append)(false);
             self.inner.append_within_segment(batch)
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -1213,10 +1210,17 @@ mod tests {
         let (inner, _) = SegmentJournal::open(dir, segment_bytes).unwrap();
         let appends = Arc::new(AtomicU64::new(0));
         let rotating_threads = Arc::new(Mutex::new(Vec::new()));
-        let journal = CountingJournal {
+        // Counts appends (calls, not entries) and names the threads that made full ones.
+        let (counter, threads) = (appends.clone(), rotating_threads.clone());
+        let journal = HookedJournal {
             inner,
-            appends: appends.clone(),
-            rotating_threads: rotating_threads.clone(),
+            before_append: Box::new(move |full| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                if full {
+                    let thread = std::thread::current().name().unwrap_or("?").to_string();
+                    lock(&threads).push(thread);
+                }
+            }),
         };
         let ledger = Ledger::start(Box::new(journal), 16, FsyncPolicy::Never).unwrap();
         Counted {
@@ -1413,46 +1417,22 @@ mod tests {
         assert_eq!(synced.await.unwrap(), n);
     }
 
-    /// A journal whose writer-thread appends panic once told to.
-    struct DyingJournal {
-        inner: SegmentJournal,
-        die: std::sync::mpsc::Receiver<()>,
-    }
-
-    impl Journal for DyingJournal {
-        fn append(&mut self, _: &[LedgerEntry]) -> std::io::Result<()> {
-            let _ = self.die.recv();
-            panic!("the writer thread dies");
-        }
-        fn append_within_segment(&mut self, b: &[LedgerEntry]) -> std::io::Result<usize> {
-            self.inner.append_within_segment(b)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.inner.flush()
-        }
-        fn sync(&mut self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn sync_handle(&mut self) -> std::io::Result<std::fs::File> {
-            self.inner.sync_handle()
-        }
-        fn wants_rotation(&self) -> bool {
-            self.inner.wants_rotation()
-        }
-        fn last_seq(&self) -> u64 {
-            self.inner.last_seq()
-        }
-        fn size_bytes(&self) -> u64 {
-            self.inner.size_bytes()
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sync_returns_when_the_writer_thread_has_died() {
         let dir = tempfile::tempdir().unwrap();
         let (inner, _) = SegmentJournal::open(dir.path(), 64 << 20).unwrap();
-        let (die, rx) = std::sync::mpsc::channel();
-        let journal = DyingJournal { inner, die: rx };
+        // The writer thread's appends panic once told to.
+        let (die, told) = std::sync::mpsc::channel::<()>();
+        let told = Mutex::new(told);
+        let journal = HookedJournal {
+            inner,
+            before_append: Box::new(move |full| {
+                if full {
+                    let _ = lock(&told).recv();
+                    panic!("the writer thread dies");
+                }
+            }),
+        };
         let ledger = Ledger::start(Box::new(journal), 1, FsyncPolicy::Always).unwrap();
         ledger.submit(grant(1));
         tokio::time::sleep(Duration::from_millis(50)).await;
