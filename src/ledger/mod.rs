@@ -783,9 +783,10 @@ impl Ledger {
         appended
     }
 
-    /// Queues a record for the writer thread. When the channel is full the record goes to the
-    /// overflow queue instead, and so does every record after it until the writer has taken
-    /// them all: order is kept, nothing blocks, nothing is dropped.
+    /// Queues a record (or a sync) for the writer thread. When the channel is full it goes to
+    /// the overflow queue instead, and so does everything after it until the writer has taken
+    /// them all: order is kept, nothing blocks, nothing is dropped while the writer thread
+    /// lives (after it died, messages are dropped with an error rather than queued forever).
     fn send(&self, msg: Message) {
         let mut overflow = lock(&self.overflow);
         if self.tx.is_closed() {

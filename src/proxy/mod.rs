@@ -51,7 +51,7 @@ const MAX_DIMENSION_BYTES: usize = 256;
 /// Longest `model` accepted. Real names (fine-tunes, deployment ARNs) are far shorter; the
 /// name goes into the usage record, error messages and sinks, and a body-sized one would make
 /// a journal entry larger than the journal accepts.
-pub const MAX_MODEL_BYTES: usize = 1024;
+const MAX_MODEL_BYTES: usize = 1024;
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those tollgate
 /// sets itself.
@@ -568,9 +568,9 @@ impl Gateway {
             limit,
             retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
         };
+        // Built before the checks: a limit that refuses drops it, refunding the ones before.
         let mut charge = ThrottleCharge {
-            throttle: Some(throttle.clone()),
-            clock: Some(self.clock),
+            limits: Some((throttle.clone(), self.clock)),
             ..ThrottleCharge::default()
         };
         if let Some(rpm) = key.rpm {
@@ -618,9 +618,8 @@ impl Gateway {
 #[derive(Default)]
 #[must_use]
 struct ThrottleCharge {
-    throttle: Option<Arc<KeyThrottle>>,
-    /// Origin of the clock the limiters run on.
-    clock: Option<Instant>,
+    /// The key's limiters and the origin of the clock they run on; `None` once kept.
+    limits: Option<(Arc<KeyThrottle>, Instant)>,
     requests: Option<Admitted>,
     tokens: Option<Admitted>,
     slowdown: Option<Admitted>,
@@ -629,7 +628,7 @@ struct ThrottleCharge {
 impl ThrottleCharge {
     /// The request was admitted: what was taken stays taken.
     fn keep(mut self) {
-        self.throttle = None;
+        self.limits = None;
     }
 
     /// Whatever happens next, the request counts against the requests-per-minute limits
@@ -642,7 +641,7 @@ impl ThrottleCharge {
 
 impl Drop for ThrottleCharge {
     fn drop(&mut self) {
-        let (Some(throttle), Some(clock)) = (self.throttle.take(), self.clock) else {
+        let Some((throttle, clock)) = self.limits.take() else {
             return;
         };
         let now = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
