@@ -96,6 +96,19 @@ fn body_usage(c: &mut Criterion) {
         b.iter(|| black_box(openai::usage_from_body(body.as_bytes()).unwrap()))
     });
     g.finish();
+
+    // A short answer, as the load bench's mock gives (16 tokens, 628 bytes): mostly member
+    // names and small values rather than text.
+    let short = br#"{"choices":[{"finish_reason":"length","index":0,"logprobs":null,"message":{"annotations":[],"content":"tok tok tok tok tok tok tok tok tok tok tok tok tok tok tok tok","refusal":null,"role":"assistant"}}],"created":1795705709,"id":"chatcmpl-mock0000000000000001","model":"gpt-4o-mini","object":"chat.completion","service_tier":"default","system_fingerprint":"fp_mock","usage":{"completion_tokens":16,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":1,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":17}}"#;
+    let mut g = c.benchmark_group("non_streaming_usage_short");
+    g.throughput(Throughput::Bytes(short.len() as u64));
+    g.bench_function("baseline_serde_json_value", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(short).unwrap()))
+    });
+    g.bench_function("tollgate_usage_probe", |b| {
+        b.iter(|| black_box(openai::usage_from_body(short).unwrap()))
+    });
+    g.finish();
 }
 
 fn tokenizer(c: &mut Criterion) {

@@ -219,9 +219,13 @@ impl GatewayBuilder {
                     reloader.clone(),
                     &admin_config.token,
                 ));
-                let task = server::spawn_listener(admin_listener, grace, stop_rx, move |req| {
-                    admin.clone().handle(req)
-                });
+                let task = server::spawn_listener(
+                    admin_listener,
+                    grace,
+                    server::CLIENT_IDLE_TIMEOUT,
+                    stop_rx,
+                    move |req| admin.clone().handle(req),
+                );
                 (Some(admin_addr), Some(task))
             }
             None => (None, None),

@@ -1,13 +1,18 @@
-//! The data-plane listener: accepts connections, serves HTTP/1.1 with hyper, and shuts down
-//! gracefully (stop accepting, let in-flight requests finish within the grace period, then
-//! sync the ledger).
+//! The data-plane listener: accepts connections, serves HTTP/1.1 with hyper, closes client
+//! connections that sit idle or send a request head too slowly, and shuts down gracefully
+//! (stop accepting, let in-flight requests finish within the grace period, then sync the
+//! ledger).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,6 +23,13 @@ use crate::proxy::Gateway;
 /// Backoff after `accept` fails (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// A client connection with no request in progress that completes no request head for a
+/// whole period of this length is closed: an idle keep-alive connection, or one sending its
+/// head too slowly (a slow-loris client), goes after between one and two periods. hyper's
+/// own header-read timeout did this with a timer armed and dropped for every request (2 % of
+/// the instructions of a proxied chat request); this checks once per period.
+pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(crate) fn spawn_data_plane(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -26,29 +38,32 @@ pub(crate) fn spawn_data_plane(
 ) -> JoinHandle<()> {
     // Boxed once: the request's future is several kilobytes (it holds the meter, the request
     // parts and the upstream exchange), and each layer that moves it by value copies it all.
-    spawn_listener(listener, grace, stop, move |req| {
+    spawn_listener(listener, grace, CLIENT_IDLE_TIMEOUT, stop, move |req| {
         Box::pin(gateway.clone().handle(req))
     })
 }
 
-/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains.
+/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains. Client
+/// connections that stay idle for `idle_timeout` are closed (see [`CLIENT_IDLE_TIMEOUT`]).
 pub(crate) fn spawn_listener<H, F, B>(
     listener: TcpListener,
     grace: Duration,
+    idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     handler: H,
 ) -> JoinHandle<()>
 where
     H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new());
+        // No per-request header timer: the connection task's idle check does its work.
+        http.header_read_timeout(None);
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -64,15 +79,24 @@ where
             };
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
             let service = service_fn(move |req| {
+                activity.started.fetch_add(1, Ordering::Relaxed);
                 let response = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(response.await) }
+                let activity = activity.clone();
+                async move {
+                    let response = response.await.map(|inner| Tracked { inner, activity });
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                match until_idle(conn, &seen, idle_timeout).await {
+                    Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                    Some(Ok(())) => {}
+                    None => tracing::debug!("closed an idle client connection"),
                 }
             });
         }
@@ -89,7 +113,271 @@ where
     })
 }
 
+/// Runs `conn` to its end (`Some`), or until a check every `period` finds it idle (`None`;
+/// dropping the connection closes its socket).
+async fn until_idle<C: Future>(
+    conn: C,
+    activity: &Activity,
+    period: Duration,
+) -> Option<C::Output> {
+    let mut conn = std::pin::pin!(conn);
+    let mut tick = std::pin::pin!(tokio::time::sleep(period));
+    let mut registered = false;
+    let mut heads = 0;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(ended));
+        }
+        // The timer is polled when it is due, not at every wake of the connection (several
+        // per request): its first poll registered this task's waker, which wakes it when due.
+        while !registered || tick.is_elapsed() {
+            if tick.as_mut().poll(cx).is_pending() {
+                registered = true;
+                break;
+            }
+            if activity.idle_since(heads) {
+                return Poll::Ready(None);
+            }
+            heads = activity.started.load(Ordering::Relaxed);
+            tick.as_mut().reset(tokio::time::Instant::now() + period);
+            registered = false;
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// What a connection's idle check looks at: request heads completed, and responses done
+/// (their bodies sent, or dropped).
+#[derive(Default)]
+struct Activity {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl Activity {
+    /// No response is in progress, and no head completed since `started` was `heads`.
+    fn idle_since(&self, heads: u64) -> bool {
+        // `finished` first: a request that starts and finishes between the two loads then
+        // shows as a new head, never as a finish without its start.
+        let finished = self.finished.load(Ordering::Relaxed);
+        let started = self.started.load(Ordering::Relaxed);
+        started == finished && started == heads
+    }
+}
+
+/// A response body that counts itself finished when hyper drops it.
+struct Tracked<B> {
+    inner: B,
+    activity: Arc<Activity>,
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.activity.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Reports the address a listener really bound (port 0 resolved).
 pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const IDLE: Duration = Duration::from_millis(150);
+
+    /// A chunked body of `left` chunks, one every 60 ms.
+    struct Drip {
+        left: u32,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl Body for Drip {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            self.left -= 1;
+            let next = tokio::time::Instant::now() + Duration::from_millis(60);
+            self.sleep.as_mut().reset(next);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"drop;")))))
+        }
+    }
+
+    enum TestBody {
+        Full(Full<Bytes>),
+        Drip(Drip),
+    }
+
+    impl Body for TestBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.get_mut() {
+                TestBody::Full(b) => Pin::new(b).poll_frame(cx),
+                TestBody::Drip(b) => Pin::new(b).poll_frame(cx),
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            match self {
+                TestBody::Full(b) => b.size_hint(),
+                TestBody::Drip(_) => SizeHint::default(),
+            }
+        }
+    }
+
+    /// A listener with a short idle timeout: `/drip` streams 10 chunks over 600 ms (four
+    /// idle periods), anything else answers `ok`.
+    async fn serve() -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        spawn_listener(
+            listener,
+            Duration::from_secs(1),
+            IDLE,
+            stop_rx,
+            |req| async move {
+                let body = if req.uri().path() == "/drip" {
+                    TestBody::Drip(Drip {
+                        left: 10,
+                        sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                    })
+                } else {
+                    TestBody::Full(Full::new(Bytes::from_static(b"ok")))
+                };
+                hyper::Response::new(body)
+            },
+        );
+        (addr, stop)
+    }
+
+    /// Sends a GET and reads its response up to `end`.
+    async fn get(conn: &mut TcpStream, path: &str, end: &[u8]) -> Vec<u8> {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(end) {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed mid-response: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// Whether the server closes `conn` within `within` (reading nothing more).
+    async fn closed_within(conn: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, conn.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        get(&mut conn, "/", b"ok").await;
+        let idle = std::time::Instant::now();
+        assert!(closed_within(&mut conn, Duration::from_secs(3)).await);
+        assert!(idle.elapsed() >= IDLE, "closed after {:?}", idle.elapsed());
+
+        // A connection that never sends a request goes too.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut conn, Duration::from_secs(3)).await);
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_too_slowly_is_cut_off() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        get(&mut conn, "/", b"ok").await;
+        conn.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // A header line every 30 ms: bytes keep coming, the head never completes.
+        let started = std::time::Instant::now();
+        let mut closed = false;
+        for i in 0..100 {
+            if conn
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+                || closed_within(&mut conn, Duration::from_millis(30)).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "still open after {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_response_streaming_for_several_periods_is_not_cut() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let got = get(&mut conn, "/drip", b"0\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(text.matches("drop;").count(), 10, "{text}");
+        // Idle afterwards: closed then.
+        assert!(closed_within(&mut conn, Duration::from_secs(3)).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_use_stays_open() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // Twelve requests 50 ms apart: four idle periods, each with requests in it.
+        for _ in 0..12 {
+            let got = get(&mut conn, "/", b"ok").await;
+            assert!(got.starts_with(b"HTTP/1.1 200"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
