@@ -14,7 +14,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -23,9 +24,10 @@ use crate::proxy::Gateway;
 /// Backoff after `accept` fails (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// A client connection with no request in progress that completes no request head for a
-/// whole period of this length is closed: an idle keep-alive connection, or one sending its
-/// head too slowly (a slow-loris client), goes after between one and two periods. hyper's
+/// A client connection with no request in progress that completes no request head and
+/// takes no response bytes for a whole period of this length is closed: an idle keep-alive
+/// connection, one sending its head too slowly (a slow-loris client), or one that stopped
+/// reading what hyper still holds of a response, goes after between one and two periods. hyper's
 /// own header-read timeout did this with a timer armed and dropped for every request (2 % of
 /// the instructions of a proxied chat request); this checks once per period.
 pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,6 +92,10 @@ where
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
+            let stream = Counted {
+                inner: stream,
+                activity: seen.clone(),
+            };
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
@@ -123,46 +129,120 @@ async fn until_idle<C: Future>(
     let mut conn = std::pin::pin!(conn);
     let mut tick = std::pin::pin!(tokio::time::sleep(period));
     let mut registered = false;
-    let mut heads = 0;
+    let mut last = Mark::default();
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Some(ended));
-        }
         // The timer is polled when it is due, not at every wake of the connection (several
         // per request): its first poll registered this task's waker, which wakes it when due.
+        // It is polled before the connection, while the task's coop budget is whole: a poll
+        // refused for budget would register nothing, and the check would never run again.
         while !registered || tick.is_elapsed() {
             if tick.as_mut().poll(cx).is_pending() {
                 registered = true;
                 break;
             }
-            if activity.idle_since(heads) {
+            if activity.idle_since(last) {
                 return Poll::Ready(None);
             }
-            heads = activity.started.load(Ordering::Relaxed);
+            last = activity.mark();
             tick.as_mut().reset(tokio::time::Instant::now() + period);
             registered = false;
         }
-        Poll::Pending
+        conn.as_mut().poll(cx).map(Some)
     })
     .await
 }
 
-/// What a connection's idle check looks at: request heads completed, and responses done
-/// (their bodies sent, or dropped).
+/// What a connection's idle check looks at: request heads completed, responses done (their
+/// bodies taken whole by hyper, or dropped), and bytes written to the client (hyper may still
+/// hold a taken body's bytes while a slow client reads). All are counted on the connection's
+/// own task, as is the check, so relaxed atomics suffice.
 #[derive(Default)]
 struct Activity {
     started: AtomicU64,
     finished: AtomicU64,
+    written: AtomicU64,
+}
+
+/// What a check saw: heads completed, bytes written.
+#[derive(Clone, Copy, Default, PartialEq)]
+struct Mark {
+    heads: u64,
+    written: u64,
 }
 
 impl Activity {
-    /// No response is in progress, and no head completed since `started` was `heads`.
-    fn idle_since(&self, heads: u64) -> bool {
-        // `finished` first: a request that starts and finishes between the two loads then
-        // shows as a new head, never as a finish without its start.
-        let finished = self.finished.load(Ordering::Relaxed);
-        let started = self.started.load(Ordering::Relaxed);
-        started == finished && started == heads
+    fn mark(&self) -> Mark {
+        Mark {
+            heads: self.started.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// No response is in progress, and no head completed and nothing was written since
+    /// `last`.
+    fn idle_since(&self, last: Mark) -> bool {
+        let now = self.mark();
+        now.heads == self.finished.load(Ordering::Relaxed) && now == last
+    }
+}
+
+/// The client's socket, counting the bytes written to it.
+struct Counted {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Counted {
+    fn count(&self, written: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written {
+            self.activity
+                .written
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -378,6 +458,93 @@ mod tests {
             let got = get(&mut conn, "/", b"ok").await;
             assert!(got.starts_with(b"HTTP/1.1 200"));
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A `Sleep` polled with the task's coop budget used up returns `Pending` without creating
+    /// its timer entry (tokio 1.54: `poll_proceed` comes first); were the timer polled after
+    /// the connection, `is_elapsed()` would stay false and the check never run again. Here
+    /// the connection's first poll spends the budget, as a handler polled in it may.
+    #[tokio::test]
+    async fn the_idle_check_survives_a_first_poll_that_spent_the_budget() {
+        let activity = Activity::default();
+        let mut first = true;
+        let conn = std::future::poll_fn(move |cx| {
+            if first {
+                first = false;
+                loop {
+                    let mut spend = Box::pin(tokio::task::consume_budget());
+                    if spend.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                }
+            }
+            Poll::<()>::Pending
+        });
+        let r = tokio::time::timeout(IDLE * 10, until_idle(conn, &activity, IDLE)).await;
+        assert!(
+            matches!(r, Ok(None)),
+            "an idle connection was never checked"
+        );
+    }
+
+    /// Serves `handler` with the test idle timeout.
+    async fn serve_full<H, F>(handler: H) -> (SocketAddr, watch::Sender<bool>)
+    where
+        H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        spawn_listener(listener, Duration::from_secs(1), IDLE, stop_rx, handler);
+        (addr, stop)
+    }
+
+    /// The same through `spawn_listener`: a handler that spends the budget in the
+    /// connection's first poll leaves that connection open for good once idle.
+    #[tokio::test]
+    async fn a_connection_whose_first_request_spent_the_budget_is_closed_when_idle() {
+        let (addr, _stop) = serve_full(|_req| async move {
+            for _ in 0..300 {
+                tokio::task::consume_budget().await;
+            }
+            hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+        })
+        .await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        get(&mut conn, "/", b"ok").await;
+        assert!(
+            closed_within(&mut conn, Duration::from_secs(3)).await,
+            "never closed"
+        );
+    }
+
+    /// `Tracked` counts a response finished when hyper takes its last frame, before hyper
+    /// has written it out (it queues a whole `Full` chunk): without the bytes written
+    /// counted, a check finding the connection idle would drop it with the rest unsent.
+    /// Here a steady reader of a 32 MB response takes about 2 s (over ten periods).
+    #[tokio::test]
+    async fn a_large_response_is_not_cut_while_a_slow_client_reads_it() {
+        const SIZE: usize = 32 << 20;
+        let (addr, _stop) = serve_full(|_req| async move {
+            hyper::Response::new(Full::new(Bytes::from(vec![b'x'; SIZE])))
+        })
+        .await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while got < SIZE {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap_or(0);
+            assert!(n > 0, "closed after {got} of the response's {SIZE}+ bytes");
+            got += n;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
