@@ -48,6 +48,8 @@ pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 pub const DEFAULT_JOURNAL_CHANNEL_CAPACITY: usize = 65_536;
 /// Default grace period for in-flight requests at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Default of `server.client_idle_timeout_ms` (idle client connections go after 30 to 60 s).
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Default output tokens reserved when a request sets no `max_tokens`.
 pub const DEFAULT_OUTPUT_RESERVATION_TOKENS: u64 = 4_096;
 /// Default prompt bytes per token for the cheap admission estimate (conservative: real text
@@ -252,6 +254,9 @@ struct RawServer {
     max_metered_response_bytes: Option<usize>,
     /// Grace period for in-flight requests at shutdown, milliseconds. Default 10 000.
     shutdown_grace_ms: Option<u64>,
+    /// A client connection with nothing in progress for this long is closed (after between
+    /// one and two of these), milliseconds. Default 30 000.
+    client_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -422,6 +427,7 @@ pub struct ServerConfig {
     pub max_request_body_bytes: usize,
     pub max_metered_response_bytes: usize,
     pub shutdown_grace: Duration,
+    pub client_idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -580,6 +586,13 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     if max_metered_response_bytes == 0 {
         problems.push("server.max_metered_response_bytes: must be positive".into());
     }
+    let client_idle_timeout_ms = raw
+        .server
+        .client_idle_timeout_ms
+        .unwrap_or(DEFAULT_CLIENT_IDLE_TIMEOUT_MS);
+    if client_idle_timeout_ms == 0 {
+        problems.push("server.client_idle_timeout_ms: must be positive".into());
+    }
     let server = ServerConfig {
         listen,
         max_request_body_bytes,
@@ -589,6 +602,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 .shutdown_grace_ms
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
         ),
+        client_idle_timeout: Duration::from_millis(client_idle_timeout_ms),
     };
 
     let channel_capacity = raw
@@ -1299,6 +1313,7 @@ mod tests {
         let bad = r#"
             [server]
             listen = "nowhere"
+            client_idle_timeout_ms = 0
             [[upstreams]]
             name = "a"
             dialect = "grpc"
@@ -1316,6 +1331,7 @@ mod tests {
         let text = err.to_string();
         for needle in [
             "server.listen",
+            "server.client_idle_timeout_ms: must be positive",
             "upstreams[0].dialect",
             "upstreams[0].base_url",
             "upstreams[0].api_key_env: environment variable `MISSING` is not set",
@@ -1326,7 +1342,7 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
-        assert_eq!(err.problems.len(), 8, "{text}");
+        assert_eq!(err.problems.len(), 9, "{text}");
     }
 
     #[test]

@@ -137,6 +137,7 @@ impl GatewayBuilder {
         )?;
         let listen = self.listen.unwrap_or(self.config.server.listen);
         let grace = self.config.server.shutdown_grace;
+        let idle_timeout = self.config.server.client_idle_timeout;
         let admin_config = self.config.admin.clone();
         let snapshot = Snapshot::build(self.config)?;
         // Build the tokenizer before serving, so no request waits for it (~150 ms, once).
@@ -193,8 +194,13 @@ impl GatewayBuilder {
             journal_config.checkpoint_interval,
             stop_rx.clone(),
         );
-        let data_plane =
-            server::spawn_data_plane(listener, gateway.clone(), grace, stop_rx.clone());
+        let data_plane = server::spawn_data_plane(
+            listener,
+            gateway.clone(),
+            grace,
+            idle_timeout,
+            stop_rx.clone(),
+        );
         let reloader = Arc::new(reload::Reloader::new(
             gateway.clone(),
             self.config_path.clone(),
@@ -222,7 +228,7 @@ impl GatewayBuilder {
                 let task = server::spawn_listener(
                     admin_listener,
                     grace,
-                    server::CLIENT_IDLE_TIMEOUT,
+                    idle_timeout,
                     stop_rx,
                     move |req| admin.clone().handle(req),
                 );

@@ -186,6 +186,9 @@ impl ConfigDiff {
         if old.server.shutdown_grace != new.server.shutdown_grace {
             needs_restart.push("server.shutdown_grace_ms".to_string());
         }
+        if old.server.client_idle_timeout != new.server.client_idle_timeout {
+            needs_restart.push("server.client_idle_timeout_ms".to_string());
+        }
         if old.journal.channel_capacity != new.journal.channel_capacity {
             needs_restart.push("journal.channel_capacity".to_string());
         }

@@ -24,29 +24,28 @@ use crate::proxy::Gateway;
 /// Backoff after `accept` fails (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// A client connection with no request in progress that completes no request head and
-/// takes no response bytes for a whole period of this length is closed: an idle keep-alive
-/// connection, one sending its head too slowly (a slow-loris client), or one that stopped
-/// reading what hyper still holds of a response, goes after between one and two periods. hyper's
-/// own header-read timeout did this with a timer armed and dropped for every request (2 % of
-/// the instructions of a proxied chat request); this checks once per period.
-pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub(crate) fn spawn_data_plane(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     grace: Duration,
+    idle_timeout: Duration,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     // Boxed once: the request's future is several kilobytes (it holds the meter, the request
     // parts and the upstream exchange), and each layer that moves it by value copies it all.
-    spawn_listener(listener, grace, CLIENT_IDLE_TIMEOUT, stop, move |req| {
+    spawn_listener(listener, grace, idle_timeout, stop, move |req| {
         Box::pin(gateway.clone().handle(req))
     })
 }
 
-/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains. Client
-/// connections that stay idle for `idle_timeout` are closed (see [`CLIENT_IDLE_TIMEOUT`]).
+/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains.
+///
+/// A client connection with no request in progress that completes no request head and takes
+/// no response bytes for a whole `idle_timeout` is closed: an idle keep-alive connection, one
+/// sending its head too slowly (a slow-loris client), or one that stopped reading what hyper
+/// still holds of a response goes after between one and two periods. hyper's own header-read
+/// timeout did this with a timer armed and dropped for every request (2 % of the instructions
+/// of a proxied chat request); this checks once per period (see [`until_idle`]).
 pub(crate) fn spawn_listener<H, F, B>(
     listener: TcpListener,
     grace: Duration,

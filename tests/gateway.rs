@@ -1172,3 +1172,38 @@ async fn an_upstream_path_prefix_and_the_query_reach_the_upstream() {
             .any(|(k, v)| k == "host" && *v == authority)
     );
 }
+
+#[tokio::test]
+async fn an_idle_client_connection_is_closed_after_the_configured_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start_with("client_idle_timeout_ms = 200", "").await;
+    let mut conn = tokio::net::TcpStream::connect(h.gateway.addr())
+        .await
+        .unwrap();
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Still open within the first period: a second request on it is answered.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 401"));
+    // Then idle: closed after one to two periods (200-400 ms), long before hyper's 30 s.
+    let idle = std::time::Instant::now();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "not closed: {read:?}");
+    assert!(
+        idle.elapsed() >= std::time::Duration::from_millis(150),
+        "{:?}",
+        idle.elapsed()
+    );
+}

@@ -600,6 +600,11 @@ async fn sighup_reloads_the_config_file_of_the_running_binary() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status(BOB).await, 200, "other keys still work");
+    // The reload is logged after the new config is in place, and the log is read from the
+    // child's output by another thread: the lines may trail the 401 a little.
+    while served.count("config reloaded") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(served.count("SIGHUP: reloading the config file"), 1);
     assert_eq!(served.count("config reloaded"), 1, "{}", served.log());
     assert!(served.log().contains("keys_changed: [\"alice-dev\"]"));
