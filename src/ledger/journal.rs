@@ -490,7 +490,7 @@ impl SegmentJournal {
             u32::try_from(self.pending.len() - start - FRAME_HEADER)
                 .ok()
                 .filter(|&len| len <= MAX_FRAME_PAYLOAD)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "entry too large"))
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, EntryTooLarge))
         });
         let len = match framed {
             Ok(len) => len,
@@ -691,6 +691,27 @@ pub fn read_entries(dir: &Path) -> io::Result<Vec<LedgerEntry>> {
         }
         out.extend(batch.into_iter().map(|(_, e)| e));
     }
+}
+
+/// Why the journal refused an entry: its frame would be larger than the reader accepts, so
+/// no retry can ever write it.
+#[derive(Debug)]
+struct EntryTooLarge;
+
+impl std::fmt::Display for EntryTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "entry too large: its frame would exceed {MAX_FRAME_PAYLOAD} bytes"
+        )
+    }
+}
+
+impl std::error::Error for EntryTooLarge {}
+
+/// Whether the journal refused an entry as too large (rather than failed to write it).
+pub fn is_entry_too_large(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<EntryTooLarge>())
 }
 
 /// Every usage record of a journal directory, in order (tests, tools).

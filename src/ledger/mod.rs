@@ -881,6 +881,33 @@ fn current_thread_runtime() -> Option<tokio::runtime::Handle> {
     (runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread).then_some(runtime)
 }
 
+/// Writes `entries` one at a time up to the first the journal refuses as too large, which is
+/// left out with an error: retried, it would be refused forever and hold up every entry
+/// behind it. Returns how many were written or left out; stops early at any other failure,
+/// which the caller retries.
+fn leave_out_refused(
+    state: &Mutex<WriterState>,
+    entries: &[LedgerEntry],
+    shared: &WriterShared,
+) -> usize {
+    for (i, entry) in entries.iter().enumerate() {
+        let written = lock(state).write(std::slice::from_ref(entry), false, shared);
+        match written {
+            Ok(_) => {}
+            Err((_, e)) if journal::is_entry_too_large(&e) => {
+                let id = match entry {
+                    LedgerEntry::Usage(r) => r.id,
+                    LedgerEntry::Grant(g) => g.id,
+                };
+                tracing::error!(error = %e, %id, "journal entry left out: it can never be written");
+                return i + 1;
+            }
+            Err((kept, _)) => return i + kept,
+        }
+    }
+    entries.len()
+}
+
 /// fsyncs what was written so far, holding the lock only to flush and to take the file.
 fn sync(state: &Mutex<WriterState>, shared: &WriterShared) -> std::io::Result<()> {
     let (seq, file) = {
@@ -936,23 +963,25 @@ fn write_loop(
         if !batch.is_empty() {
             // What a failed write kept is not written again (see `Journal`).
             let mut done = 0;
-            loop {
+            while done < batch.len() {
                 let mut st = lock(state);
                 match st.write(&batch[done..], false, shared) {
-                    Ok(_) => {
-                        shared
-                            .queued
-                            .fetch_sub(batch.len() as u64, Ordering::AcqRel);
-                        break;
-                    }
+                    Ok(_) => break,
                     Err((kept, e)) => {
                         drop(st);
                         done += kept;
+                        if journal::is_entry_too_large(&e) {
+                            done += leave_out_refused(state, &batch[done..], shared);
+                            continue;
+                        }
                         tracing::error!(error = %e, records = batch.len() - done, "journal write failed; retrying");
                         std::thread::sleep(WRITE_RETRY_DELAY);
                     }
                 }
             }
+            shared
+                .queued
+                .fetch_sub(batch.len() as u64, Ordering::AcqRel);
             shared.appended.notify_waiters();
             batch.clear();
         }
@@ -1416,6 +1445,36 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         drop(held);
         assert_eq!(synced.await.unwrap(), n);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_too_large_to_write_is_left_out_and_the_rest_written() {
+        let huge = |n| {
+            let mut e = grant(n);
+            if let LedgerEntry::Grant(g) = &mut e {
+                g.grant_id = "x".repeat(17 << 20);
+            }
+            e
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = SegmentJournal::open(dir.path(), 64 << 20).unwrap();
+        let ledger = Ledger::start(Box::new(journal), 1024, FsyncPolicy::Always).unwrap();
+        // Refused on the submitting thread, then written by the writer thread.
+        ledger.submit(grant(1));
+        ledger.submit(huge(2));
+        ledger.submit(grant(3));
+        let synced = tokio::time::timeout(Duration::from_secs(10), ledger.sync()).await;
+        assert!(synced.is_ok(), "the writer is stuck on the refused entry");
+        // In one batch at the writer thread, behind an entry of the same write.
+        let held = lock(&ledger.state);
+        ledger.submit(grant(4));
+        ledger.submit(huge(5));
+        ledger.submit(grant(6));
+        drop(held);
+        let synced = tokio::time::timeout(Duration::from_secs(10), ledger.sync()).await;
+        assert!(synced.is_ok(), "the writer is stuck on the refused entry");
+        assert_eq!(grant_ids(dir.path()), ["g1", "g3", "g4", "g6"]);
+        assert_eq!(ledger.written(), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
