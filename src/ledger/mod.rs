@@ -771,6 +771,9 @@ impl Ledger {
         }
         let appended = queue_rest(match state.write(entries, true, &self.shared) {
             Ok(appended) => appended,
+            // The writer thread retries a failed write, and leaves out an entry refused as
+            // too large (logging it then).
+            Err((kept, e)) if journal::is_entry_too_large(&e) => kept,
             Err((kept, e)) => {
                 tracing::error!(error = %e, "journal write failed; the writer thread retries it");
                 kept
@@ -883,13 +886,13 @@ fn current_thread_runtime() -> Option<tokio::runtime::Handle> {
 
 /// Writes `entries` one at a time up to the first the journal refuses as too large, which is
 /// left out with an error: retried, it would be refused forever and hold up every entry
-/// behind it. Returns how many were written or left out; stops early at any other failure,
-/// which the caller retries.
+/// behind it. Returns how many were written or left out, or, at any other failure, how many
+/// were written before it and the error (the caller waits and retries the rest).
 fn leave_out_refused(
     state: &Mutex<WriterState>,
     entries: &[LedgerEntry],
     shared: &WriterShared,
-) -> usize {
+) -> Result<usize, (usize, std::io::Error)> {
     for (i, entry) in entries.iter().enumerate() {
         let written = lock(state).write(std::slice::from_ref(entry), false, shared);
         match written {
@@ -900,12 +903,12 @@ fn leave_out_refused(
                     LedgerEntry::Grant(g) => g.id,
                 };
                 tracing::error!(error = %e, %id, "journal entry left out: it can never be written");
-                return i + 1;
+                return Ok(i + 1);
             }
-            Err((kept, _)) => return i + kept,
+            Err((kept, e)) => return Err((i + kept, e)),
         }
     }
-    entries.len()
+    Ok(entries.len())
 }
 
 /// fsyncs what was written so far, holding the lock only to flush and to take the file.
@@ -970,10 +973,20 @@ fn write_loop(
                     Err((kept, e)) => {
                         drop(st);
                         done += kept;
-                        if journal::is_entry_too_large(&e) {
-                            done += leave_out_refused(state, &batch[done..], shared);
-                            continue;
-                        }
+                        let e = if journal::is_entry_too_large(&e) {
+                            match leave_out_refused(state, &batch[done..], shared) {
+                                Ok(passed) => {
+                                    done += passed;
+                                    continue;
+                                }
+                                Err((passed, e)) => {
+                                    done += passed;
+                                    e
+                                }
+                            }
+                        } else {
+                            e
+                        };
                         tracing::error!(error = %e, records = batch.len() - done, "journal write failed; retrying");
                         std::thread::sleep(WRITE_RETRY_DELAY);
                     }
@@ -1194,24 +1207,43 @@ mod tests {
         assert_eq!(grant_ids(dir.path()), expected);
     }
 
-    /// A segment journal that calls `before_append(full)` ahead of each append: `full` for
-    /// `append` (the only kind that may rotate a segment), not for `append_within_segment`.
+    /// What a [`HookedJournal`] reports.
+    #[derive(Clone, Copy, Debug)]
+    enum Hook {
+        /// Ahead of an append of `entries`: `full` for `append` (the only kind that may
+        /// rotate a segment), not for `append_within_segment`.
+        Append { full: bool, entries: usize },
+        /// After a flush that failed.
+        FailedFlush,
+    }
+
+    /// A segment journal that calls `hook` ahead of each append and after each failed flush.
     struct HookedJournal {
         inner: SegmentJournal,
-        before_append: Box<dyn FnMut(bool) + Send>,
+        hook: Box<dyn FnMut(Hook) + Send>,
     }
 
     impl Journal for HookedJournal {
         fn append(&mut self, batch: &[LedgerEntry]) -> std::io::Result<()> {
-            (self.before_append)(true);
+            (self.hook)(Hook::Append {
+                full: true,
+                entries: batch.len(),
+            });
             self.inner.append(batch)
         }
         fn append_within_segment(&mut self, batch: &[LedgerEntry]) -> std::io::Result<usize> {
-            (self.before_append)(false);
+            (self.hook)(Hook::Append {
+                full: false,
+                entries: batch.len(),
+            });
             self.inner.append_within_segment(batch)
         }
         fn flush(&mut self) -> std::io::Result<()> {
-            self.inner.flush()
+            let flushed = self.inner.flush();
+            if flushed.is_err() {
+                (self.hook)(Hook::FailedFlush);
+            }
+            flushed
         }
         fn sync(&mut self) -> std::io::Result<()> {
             self.inner.sync()
@@ -1244,7 +1276,10 @@ mod tests {
         let (counter, threads) = (appends.clone(), rotating_threads.clone());
         let journal = HookedJournal {
             inner,
-            before_append: Box::new(move |full| {
+            hook: Box::new(move |hook| {
+                let Hook::Append { full, .. } = hook else {
+                    return;
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
                 if full {
                     let thread = std::thread::current().name().unwrap_or("?").to_string();
@@ -1486,8 +1521,8 @@ mod tests {
         let told = Mutex::new(told);
         let journal = HookedJournal {
             inner,
-            before_append: Box::new(move |full| {
-                if full {
+            hook: Box::new(move |hook| {
+                if let Hook::Append { full: true, .. } = hook {
                     let _ = lock(&told).recv();
                     panic!("the writer thread dies");
                 }
@@ -1635,5 +1670,65 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(ledger.shared.synced_seq.load(Ordering::Acquire), 1);
+    }
+
+    // Review of fe5a744: an I/O failure inside `leave_out_refused` returns to `write_loop`'s
+    // `continue`, which skips WRITE_RETRY_DELAY (and the "retrying" log): with the disk full
+    // and a refused entry behind another in the batch, the writer retries at once, forever
+    // (each round re-serializing the refused entry, under the journal lock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_with_a_refused_entry_in_the_batch_is_retried_with_a_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut inner, _) = SegmentJournal::open(dir.path(), 64 << 20).unwrap();
+        let faults = journal::tests::with_budget(&mut inner, 0);
+        // (entries, start) per append; (0, end) per failed flush.
+        let log: Arc<Mutex<Vec<(usize, std::time::Instant)>>> = Arc::default();
+        let events = log.clone();
+        let journal = HookedJournal {
+            inner,
+            hook: Box::new(move |hook| {
+                let entries = match hook {
+                    Hook::Append { entries, .. } => entries,
+                    Hook::FailedFlush => 0,
+                };
+                lock(&events).push((entries, std::time::Instant::now()));
+            }),
+        };
+        let ledger = Ledger::start(Box::new(journal), 1024, FsyncPolicy::Never).unwrap();
+        let mut huge = grant(2);
+        if let LedgerEntry::Grant(g) = &mut huge {
+            g.grant_id = "x".repeat(17 << 20);
+        }
+        {
+            // One batch at the writer thread: g1, then the refused entry.
+            let _held = lock(&ledger.state);
+            ledger.submit(grant(1));
+            ledger.submit(huge);
+            ledger.submit(grant(3));
+        }
+        // Until a write failed (the disk is full) and something was tried after it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let (log, i) = loop {
+            let log = lock(&log).clone();
+            if let Some(i) = log.iter().position(|&(n, _)| n == 0) {
+                if i + 1 < log.len() {
+                    break (log, i);
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no retry seen: {log:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        faults.unlimited();
+        ledger.sync().await;
+        assert_eq!(grant_ids(dir.path()), ["g1", "g3"]);
+        let gap = log[i + 1].1 - log[i].1;
+        // A failed write is retried after WRITE_RETRY_DELAY (500 ms), not at once.
+        assert!(
+            gap >= WRITE_RETRY_DELAY / 2,
+            "retried {gap:?} after a failed write: {log:?}"
+        );
     }
 }
