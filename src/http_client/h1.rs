@@ -230,7 +230,9 @@ impl Connection {
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // One more than the head holds: the gateway adds its record id header, which in a
+        // map filled to its capacity would regrow it (for every response).
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 1);
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
                 UpstreamError::Malformed(format!("header name `{}`", field.name.escape_debug()))
