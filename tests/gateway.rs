@@ -1207,3 +1207,41 @@ async fn an_idle_client_connection_is_closed_after_the_configured_timeout() {
         idle.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_request_body_sent_in_chunks_is_forwarded_whole() {
+    use futures::StreamExt;
+    let h = Harness::start().await;
+    let body = serde_json::to_vec(&chat("gpt-4o", 5, false)).unwrap();
+    let whole: Value = h
+        .openai("/v1/chat/completions", ALICE, chat("gpt-4o", 5, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Three chunks, a little apart, so the gateway reads them as separate frames.
+    let parts: Vec<Vec<u8>> = body
+        .chunks(body.len() / 3 + 1)
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert_eq!(parts.len(), 3);
+    let chunks = futures::stream::iter(parts).then(|part| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        Ok::<_, std::io::Error>(part)
+    });
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .bearer_auth(ALICE)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let chunked: Value = resp.json().await.unwrap();
+    assert_eq!(chunked["usage"], whole["usage"]);
+    assert_eq!(h.mock.request_count(), 2);
+}

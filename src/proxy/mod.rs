@@ -11,7 +11,7 @@ pub mod snapshot;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -753,13 +753,34 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge { limit })
+    // Gathered by hand rather than with `collect()`: a body that arrives in one frame (most
+    // do) is kept as that frame, with no queue of buffers built around it.
+    let mut body = Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::BodyTooLarge { limit }
+            } else {
+                GatewayError::BodyRead(e.to_string())
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut all = BytesMut::with_capacity(f.len() + data.len());
+                all.extend_from_slice(f);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
         }
-        Err(e) => Err(GatewayError::BodyRead(e.to_string())),
     }
+    Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
 }
 
 fn build_upstream_request(
