@@ -1245,3 +1245,21 @@ async fn a_request_body_sent_in_chunks_is_forwarded_whole() {
     assert_eq!(chunked["usage"], whole["usage"]);
     assert_eq!(h.mock.request_count(), 2);
 }
+
+#[tokio::test]
+async fn a_response_over_the_metered_size_is_forwarded_whole_and_estimated() {
+    // The mock's answer is ~600 bytes: over a 256-byte limit it is not held for `usage`.
+    let h = Harness::start_with("max_metered_response_bytes = 256", "").await;
+    let resp = h
+        .openai("/v1/chat/completions", ALICE, chat("gpt-4o", 5, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = record_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], mock_text(5));
+    let r = h.record(1, &id).await;
+    assert!(r.estimated, "usage read from a body over the limit");
+    assert_eq!(r.outcome, Outcome::Completed);
+}

@@ -898,10 +898,7 @@ fn leave_out_refused(
         match written {
             Ok(_) => {}
             Err((_, e)) if journal::is_entry_too_large(&e) => {
-                let id = match entry {
-                    LedgerEntry::Usage(r) => r.id,
-                    LedgerEntry::Grant(g) => g.id,
-                };
+                let id = entry.id();
                 tracing::error!(error = %e, %id, "journal entry left out: it can never be written");
                 return Ok(i + 1);
             }
@@ -1042,7 +1039,7 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::journal::tests::grant;
+    use crate::ledger::journal::tests::{grant, too_large};
 
     fn grant_ids(dir: &std::path::Path) -> Vec<String> {
         journal::read_entries(dir)
@@ -1484,26 +1481,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_too_large_to_write_is_left_out_and_the_rest_written() {
-        let huge = |n| {
-            let mut e = grant(n);
-            if let LedgerEntry::Grant(g) = &mut e {
-                g.grant_id = "x".repeat(17 << 20);
-            }
-            e
-        };
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = SegmentJournal::open(dir.path(), 64 << 20).unwrap();
         let ledger = Ledger::start(Box::new(journal), 1024, FsyncPolicy::Always).unwrap();
         // Refused on the submitting thread, then written by the writer thread.
         ledger.submit(grant(1));
-        ledger.submit(huge(2));
+        ledger.submit(too_large(2));
         ledger.submit(grant(3));
         let synced = tokio::time::timeout(Duration::from_secs(10), ledger.sync()).await;
         assert!(synced.is_ok(), "the writer is stuck on the refused entry");
         // In one batch at the writer thread, behind an entry of the same write.
         let held = lock(&ledger.state);
         ledger.submit(grant(4));
-        ledger.submit(huge(5));
+        ledger.submit(too_large(5));
         ledger.submit(grant(6));
         drop(held);
         let synced = tokio::time::timeout(Duration::from_secs(10), ledger.sync()).await;
@@ -1695,15 +1685,11 @@ mod tests {
             }),
         };
         let ledger = Ledger::start(Box::new(journal), 1024, FsyncPolicy::Never).unwrap();
-        let mut huge = grant(2);
-        if let LedgerEntry::Grant(g) = &mut huge {
-            g.grant_id = "x".repeat(17 << 20);
-        }
         {
             // One batch at the writer thread: g1, then the refused entry.
             let _held = lock(&ledger.state);
             ledger.submit(grant(1));
-            ledger.submit(huge);
+            ledger.submit(too_large(2));
             ledger.submit(grant(3));
         }
         // Until a write failed (the disk is full) and something was tried after it.

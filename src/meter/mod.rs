@@ -218,15 +218,47 @@ impl AlertRoute {
     }
 }
 
+/// Bytes of a body gathered frame by frame: a body that arrives in one frame (most do) stays
+/// that frame; later frames are joined into one buffer, once.
+#[derive(Default)]
+pub(crate) struct Gathered {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Gathered {
+    pub(crate) fn push(&mut self, data: Bytes) {
+        match (&self.first, &mut self.joined) {
+            (None, _) => self.first = Some(data),
+            (Some(first), None) => {
+                let mut all = BytesMut::with_capacity(first.len() + data.len());
+                all.extend_from_slice(first);
+                all.extend_from_slice(&data);
+                self.joined = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match (&self.first, &self.joined) {
+            (_, Some(all)) => all.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    /// The whole body (`None` if nothing was pushed).
+    pub(crate) fn into_bytes(self) -> Option<Bytes> {
+        self.joined.map(BytesMut::freeze).or(self.first)
+    }
+}
+
 enum Mode {
     /// Forwarding not started or nothing to read (errors, other endpoints).
     Opaque,
     /// A non-streaming JSON body: kept whole to read `usage` at the end.
-    Json {
-        first: Option<Bytes>,
-        rest: Option<BytesMut>,
-        overflow: bool,
-    },
+    Json { body: Gathered, overflow: bool },
     /// An event stream.
     Sse {
         parser: SseParser,
@@ -380,8 +412,7 @@ impl Meter {
             true
         } else {
             self.mode = Mode::Json {
-                first: None,
-                rest: None,
+                body: Gathered::default(),
                 overflow: false,
             };
             false
@@ -396,31 +427,14 @@ impl Meter {
         };
         match &mut self.mode {
             Mode::Opaque => data,
-            Mode::Json {
-                first,
-                rest,
-                overflow,
-            } => {
+            Mode::Json { body, overflow } => {
                 if *overflow {
                     return data;
                 }
-                match (first.as_ref(), rest.as_mut()) {
-                    (None, _) => *first = Some(data.clone()),
-                    (Some(f), None) => {
-                        let mut buf = BytesMut::with_capacity(f.len() + data.len());
-                        buf.extend_from_slice(f);
-                        buf.extend_from_slice(&data);
-                        *rest = Some(buf);
-                    }
-                    (Some(_), Some(buf)) => buf.extend_from_slice(&data),
-                }
-                let held = rest
-                    .as_ref()
-                    .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
-                if held > start.max_metered_response_bytes {
+                body.push(data.clone());
+                if body.len() > start.max_metered_response_bytes {
                     *overflow = true;
-                    *first = None;
-                    *rest = None;
+                    *body = Gathered::default();
                 }
                 data
             }
@@ -576,12 +590,8 @@ impl Meter {
         let (endpoint, dialect) = (start.endpoint, start.dialect);
         let fallback = match mode {
             Mode::Opaque => None,
-            Mode::Json {
-                first,
-                rest,
-                overflow,
-            } => {
-                let body = rest.map(BytesMut::freeze).or(first);
+            Mode::Json { body, overflow } => {
+                let body = body.into_bytes();
                 let exact = body.as_deref().and_then(|b| match dialect {
                     Dialect::OpenAi => openai::usage_from_body(b),
                     Dialect::Anthropic => anthropic::usage_from_body(b),
@@ -982,5 +992,29 @@ where
             Mode::Sse { .. } => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_keeps_one_frame_and_joins_several() {
+        assert_eq!(Gathered::default().into_bytes(), None);
+        let one = Bytes::from_static(b"{\"a\":1}");
+        let mut g = Gathered::default();
+        g.push(one.clone());
+        assert_eq!(g.len(), 7);
+        let kept = g.into_bytes().unwrap();
+        assert_eq!(kept.as_ptr(), one.as_ptr(), "one frame is kept, not copied");
+        let mut g = Gathered::default();
+        let mut lens = Vec::new();
+        for part in ["{\"a\"", ":1", "}"] {
+            g.push(Bytes::from(part));
+            lens.push(g.len());
+        }
+        assert_eq!(lens, [4, 6, 7]);
+        assert_eq!(g.into_bytes().unwrap(), one);
     }
 }

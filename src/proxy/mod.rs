@@ -11,7 +11,7 @@ pub mod snapshot;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -27,7 +27,9 @@ use crate::config::Dialect;
 use crate::error::GatewayError;
 use crate::http_client::{UpstreamBody, UpstreamError};
 use crate::ledger::{Dimensions, Ledger, Outcome};
-use crate::meter::{AlertRoute, Billing, Meter, MeterStart, MeteredBody, estimate_prompt};
+use crate::meter::{
+    AlertRoute, Billing, Gathered, Meter, MeterStart, MeteredBody, estimate_prompt,
+};
 use crate::metrics::{Metrics, RefusalReason};
 use crate::provider::{Endpoint, RequestFacts, openai};
 use snapshot::{ApiKey, Snapshot, Upstream};
@@ -753,11 +755,10 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    // Gathered by hand rather than with `collect()`: a body that arrives in one frame (most
-    // do) is kept as that frame, with no queue of buffers built around it.
+    // Gathered rather than `collect()`ed: a body that arrives in one frame (most do) is kept
+    // as that frame, with no queue of buffers built around it.
     let mut body = Limited::new(body, limit);
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut gathered = Gathered::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
@@ -766,21 +767,11 @@ async fn read_body(
                 GatewayError::BodyRead(e.to_string())
             }
         })?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        match (&first, &mut joined) {
-            (None, _) => first = Some(data),
-            (Some(f), None) => {
-                let mut all = BytesMut::with_capacity(f.len() + data.len());
-                all.extend_from_slice(f);
-                all.extend_from_slice(&data);
-                joined = Some(all);
-            }
-            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        if let Ok(data) = frame.into_data() {
+            gathered.push(data); // (trailers are dropped)
         }
     }
-    Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
+    Ok(gathered.into_bytes().unwrap_or_default())
 }
 
 fn build_upstream_request(
