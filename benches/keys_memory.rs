@@ -14,7 +14,7 @@ use tollgate::proxy::snapshot::Snapshot;
 
 /// The allocator of the `tollgate` binary, so the figures are the binary's.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::alloc::Allocator = tollgate::alloc::Allocator;
 
 fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

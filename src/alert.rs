@@ -179,7 +179,26 @@ pub fn crossed_thresholds(
 }
 
 /// `⌈f × limit⌉`, when it is representable.
+///
+/// Runs on every settlement of a capped account, once per alert fraction, so it works on
+/// the fraction's integer mantissa (`f = m / 10^scale`) instead of multiplying decimals:
+/// one 128-bit multiply and divide, exact. A product too large for that (only fractions
+/// with more than ten significant digits against the largest limits) takes the decimal
+/// arithmetic.
 fn threshold_level(fraction: Decimal, limit: i64) -> Option<i64> {
+    let divisor = 10i128.checked_pow(fraction.scale())?;
+    match fraction.mantissa().checked_mul(i128::from(limit)) {
+        Some(product) => {
+            let floor = product.div_euclid(divisor);
+            let level = floor + i128::from(product.rem_euclid(divisor) != 0);
+            i64::try_from(level).ok()
+        }
+        None => decimal_level(fraction, limit),
+    }
+}
+
+/// `⌈f × limit⌉` in decimal arithmetic.
+fn decimal_level(fraction: Decimal, limit: i64) -> Option<i64> {
     fraction.checked_mul(Decimal::from(limit))?.ceil().to_i64()
 }
 
@@ -642,6 +661,27 @@ mod tests {
             crossed_thresholds(333, 334, 1000, &[d("0.3333")]),
             vec![d("0.3333")]
         );
+    }
+
+    proptest! {
+        /// The integer shortcut gives the decimal product's ceiling, whatever the signs,
+        /// scales and sizes, wherever the decimal product is exact (within 96 bits; beyond,
+        /// the decimal rounds and the shortcut stays exact).
+        #[test]
+        fn the_integer_level_is_the_decimal_ceiling(
+            mantissa in -(1i64 << 40)..(1i64 << 40),
+            scale in 0u32..=12,
+            limit in prop_oneof![-1000i64..1000, any::<i64>()],
+        ) {
+            let exact = i128::from(mantissa) * i128::from(limit);
+            prop_assume!(exact.unsigned_abs() < 1u128 << 96);
+            let fraction = Decimal::new(mantissa, scale);
+            prop_assert_eq!(
+                threshold_level(fraction, limit),
+                decimal_level(fraction, limit),
+                "{} x {}", fraction, limit
+            );
+        }
     }
 
     #[test]

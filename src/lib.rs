@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod alert;
+pub mod alloc;
 pub mod balance;
 pub mod config;
 pub mod error;

@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tollgate::config::{Config, EMBEDDED_CONFIG, ProcessEnv};
 
 /// mimalloc: the request path allocates and frees many small buffers (headers, body chunks,
-/// records); it is markedly cheaper at that than the system allocator.
+/// records); it is markedly cheaper at that than the system allocator. See `tollgate::alloc`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::alloc::Allocator = tollgate::alloc::Allocator;
 
 /// A metering gateway for LLM traffic: proxies OpenAI-compatible and Anthropic APIs, meters
 /// every call in-line and journals a usage record per request.

@@ -25,14 +25,22 @@ const PPB: i128 = 1_000_000_000;
 
 /// Converts an exact decimal amount to nano-units. Fails when it has more than nine decimal
 /// places or does not fit.
+///
+/// Integer arithmetic on the decimal's mantissa (`d = m / 10^scale`), exact: the journal's
+/// shadow balances convert every record's costs with it.
 pub fn to_nanos(d: Decimal) -> Result<i64, String> {
-    let scaled = d
-        .checked_mul(Decimal::from(NANOS_PER_UNIT))
-        .ok_or_else(|| format!("{d} is too large"))?;
-    if scaled.fract() != Decimal::ZERO {
-        return Err(format!("{d} has more than 9 decimal places"));
-    }
-    i64::try_from(scaled).map_err(|_| format!("{d} is too large"))
+    let (mantissa, scale) = (d.mantissa(), d.scale());
+    let nanos = if scale <= 9 {
+        // |m| < 2^96, times at most 10^9: within i128.
+        mantissa * 10i128.pow(9 - scale)
+    } else {
+        let divisor = 10i128.pow(scale - 9);
+        if mantissa % divisor != 0 {
+            return Err(format!("{d} has more than 9 decimal places"));
+        }
+        mantissa / divisor
+    };
+    i64::try_from(nanos).map_err(|_| format!("{d} is too large"))
 }
 
 /// Nano-units as an exact decimal.
@@ -285,6 +293,26 @@ mod tests {
         }
         assert!(to_nanos(d("0.0000000001")).is_err());
         assert!(to_nanos(d("99999999999")).is_err());
+        // Trailing zeros beyond nine places are not precision.
+        assert_eq!(to_nanos(d("0.50000000000000")), Ok(500_000_000));
+        assert!(to_nanos(d("-0.0000000015")).is_err());
+    }
+
+    proptest::proptest! {
+        /// The integer conversion agrees with decimal arithmetic (`d × 10^9`, whole, in i64)
+        /// on every decimal whose product is exact.
+        #[test]
+        fn nanos_are_the_decimal_product(
+            mantissa in proptest::prop_oneof![-10_000i64..10_000, proptest::num::i64::ANY],
+            scale in 0u32..=28,
+        ) {
+            let d = Decimal::new(mantissa, scale);
+            let by_decimal = d
+                .checked_mul(Decimal::from(NANOS_PER_UNIT))
+                .filter(|p| p.fract().is_zero())
+                .and_then(|p| i64::try_from(p).ok());
+            proptest::prop_assert_eq!(to_nanos(d).ok(), by_decimal, "{}", d);
+        }
     }
 
     #[test]
