@@ -398,7 +398,7 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub prices: PriceBook,
     /// Account policies by id; keys of unlisted accounts are metered without limits.
-    pub accounts: HashMap<String, Arc<AccountPolicy>>,
+    pub accounts: HashMap<String, Arc<AccountPolicy>, crate::FastHash>,
     /// Upstream ledgers the journal is flushed to.
     pub sinks: Vec<crate::ledger::sinks::SinkConfig>,
 }
@@ -1074,8 +1074,8 @@ fn validate_accounts(
     raw: Vec<RawAccount>,
     plans: &HashMap<String, Plan>,
     problems: &mut Vec<String>,
-) -> HashMap<String, Arc<AccountPolicy>> {
-    let mut accounts = HashMap::new();
+) -> HashMap<String, Arc<AccountPolicy>, crate::FastHash> {
+    let mut accounts = HashMap::default();
     for (i, a) in raw.into_iter().enumerate() {
         let at = format!("accounts[{i}]");
         if a.id.trim().is_empty() {

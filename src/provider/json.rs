@@ -66,12 +66,18 @@ pub fn optional_count(value: &[u8]) -> Option<Option<u64>> {
     if value == b"null" {
         return Some(None);
     }
-    // JSON integers: no sign, no leading zero, no fraction or exponent.
-    let digits_only = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
-    if !digits_only || (value.len() > 1 && value[0] == b'0') {
+    // JSON integers: no sign, no leading zero, no fraction or exponent. Accumulated digit by
+    // digit (every usage count goes through here), `None` past u64.
+    if value.is_empty() || (value.len() > 1 && value[0] == b'0') {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+    value
+        .iter()
+        .try_fold(0u64, |n, &c| {
+            let digit = c.checked_sub(b'0').filter(|d| *d <= 9)?;
+            n.checked_mul(10)?.checked_add(u64::from(digit))
+        })
+        .map(Some)
 }
 
 /// Reads the JSON object `body` as a serde-derived struct with the fields `fields` would:
