@@ -182,9 +182,12 @@ pub fn crossed_thresholds(
 ///
 /// Runs on every settlement of a capped account, once per alert fraction, so it works on
 /// the fraction's integer mantissa (`f = m / 10^scale`) instead of multiplying decimals:
-/// one 128-bit multiply and divide, exact. A product too large for that (only fractions
-/// with more than ten significant digits against the largest limits) takes the decimal
-/// arithmetic.
+/// one 128-bit multiply and divide, exact. That is also exact where a decimal product would
+/// not be: past 28 significant digits `Decimal` rounds before the ceiling is taken
+/// (0.8888888888888888888888888889 × 9 is 8.0000000000000000000000000001, level 9, which the
+/// decimal product rounds to 8). Only a product past 128 bits (a mantissa with about 19 or
+/// more digits, trailing zeros included, against a limit near `i64::MAX` nano-units) takes
+/// the decimal arithmetic, rounding included.
 fn threshold_level(fraction: Decimal, limit: i64) -> Option<i64> {
     let divisor = 10i128.checked_pow(fraction.scale())?;
     match fraction.mantissa().checked_mul(i128::from(limit)) {
@@ -647,6 +650,17 @@ mod tests {
             vec![d("0.5"), d("0.75"), d("0.9"), d("1")]
         );
         assert_eq!(crossed_thresholds(0, 10_000, 1000, &f), f);
+    }
+
+    #[test]
+    fn levels_are_exact_where_a_decimal_product_would_round() {
+        // 0.8888888888888888888888888889 × 9 = 8.0000000000000000000000000001: the level is
+        // 9; the decimal product, rounded to 28 digits first, says 8.
+        let f = d("0.8888888888888888888888888889");
+        assert_eq!(threshold_level(f, 9), Some(9));
+        assert_eq!(decimal_level(f, 9), Some(8));
+        assert!(crossed_thresholds(0, 8, 9, &[f]).is_empty());
+        assert_eq!(crossed_thresholds(8, 9, 9, &[f]), vec![f]);
     }
 
     #[test]
