@@ -7,13 +7,16 @@
 # shows where they go. Kernel work (sockets, the journal's write) is not counted.
 #
 #   benches/instructions.sh [BINARY]     (default: $CARGO_TARGET_DIR/release/tollgate)
+#   benches/instructions.sh nginx        the load bench's baseline instead: nginx with
+#                                        benches/load/nginx.conf.in, one process
+#                                        (master_process off), same mock, requests and count
 #
 # Environment (defaults): N (2000) STREAM (0; 1 = SSE with 50 events) OUT (callgrind output
 #   file, kept; default a temp file). Needs valgrind and hey (apt-get install valgrind hey).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN_DIR="${CARGO_TARGET_DIR:-$HERE/../target}/release"
-TOLLGATE="$(realpath "${1:-$BIN_DIR/tollgate}")"
+TARGET="${1:-$BIN_DIR/tollgate}"
 N="${N:-2000}" STREAM="${STREAM:-0}"
 for tool in valgrind callgrind_control callgrind_annotate hey; do
   command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install valgrind hey)" >&2; exit 2; }
@@ -27,14 +30,35 @@ trap cleanup EXIT
 # shellcheck source=load/common.sh
 . "$HERE/load/common.sh"
 start_mock "$BIN_DIR/tollgate-mock" "$WORK"
-python3 "$HERE/load/gen-config.py" "$WORK/tollgate.toml" "$MOCK" "$WORK/journal" 10000 dir
-BENCH_UPSTREAM_KEY=upk valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
-  "$TOLLGATE" serve --config "$WORK/tollgate.toml" --worker-threads 1 --log-format json \
-  >"$WORK/tollgate.log" 2>"$WORK/valgrind.log" &
-VG=$!
-PIDS+=("$VG")
-ADDR="$(tollgate_addr "$WORK/tollgate.log" 180)" \
-  || { cat "$WORK/tollgate.log" "$WORK/valgrind.log" >&2; exit 1; }
+if [ "$TARGET" = nginx ]; then
+  NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+  [ -x "$NGINX" ] || { echo "nginx is missing (apt-get install nginx-light)" >&2; exit 2; }
+  mkdir -p "$WORK/nginx"
+  PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # One process, so the worker's instructions are the ones counted.
+  sed -e "s#@PREFIX@#$WORK/nginx#g" -e "s#@LISTEN@#127.0.0.1:$PORT#g" -e "s#@UPSTREAM@#$MOCK#g" \
+    -e "s#@UPSTREAM_KEY@#upk#g" -e 's#^daemon off;#daemon off;\nmaster_process off;#' \
+    "$HERE/load/nginx.conf.in" >"$WORK/nginx.conf"
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+    "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx" >"$WORK/nginx.log" 2>"$WORK/valgrind.log" &
+  VG=$!
+  PIDS+=("$VG")
+  ADDR="127.0.0.1:$PORT"
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    sleep 0.2
+  done
+else
+  TOLLGATE="$(realpath "$TARGET")"
+  python3 "$HERE/load/gen-config.py" "$WORK/tollgate.toml" "$MOCK" "$WORK/journal" 10000 dir
+  BENCH_UPSTREAM_KEY=upk valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+    "$TOLLGATE" serve --config "$WORK/tollgate.toml" --worker-threads 1 --log-format json \
+    >"$WORK/tollgate.log" 2>"$WORK/valgrind.log" &
+  VG=$!
+  PIDS+=("$VG")
+  ADDR="$(tollgate_addr "$WORK/tollgate.log" 180)" \
+    || { cat "$WORK/tollgate.log" "$WORK/valgrind.log" >&2; exit 1; }
+fi
 STREAM_FIELD=""; MAX_TOKENS=16
 if [ "$STREAM" = 1 ]; then STREAM_FIELD=',"stream":true'; MAX_TOKENS=50; fi
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write a short poem about metering proxies and tokens."}],"max_tokens":'"$MAX_TOKENS$STREAM_FIELD"'}'
