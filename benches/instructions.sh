@@ -34,20 +34,20 @@ if [ "$TARGET" = nginx ]; then
   NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
   [ -x "$NGINX" ] || { echo "nginx is missing (apt-get install nginx-light)" >&2; exit 2; }
   mkdir -p "$WORK/nginx"
-  PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  PORT="$(free_port)"
   # One process, so the worker's instructions are the ones counted.
-  sed -e "s#@PREFIX@#$WORK/nginx#g" -e "s#@LISTEN@#127.0.0.1:$PORT#g" -e "s#@UPSTREAM@#$MOCK#g" \
-    -e "s#@UPSTREAM_KEY@#upk#g" -e 's#^daemon off;#daemon off;\nmaster_process off;#' \
-    "$HERE/load/nginx.conf.in" >"$WORK/nginx.conf"
+  nginx_conf "$WORK/nginx" "$PORT" "$MOCK" upk one-process >"$WORK/nginx.conf"
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
     "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx" >"$WORK/nginx.log" 2>"$WORK/valgrind.log" &
   VG=$!
   PIDS+=("$VG")
   ADDR="127.0.0.1:$PORT"
   for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    port_open "$PORT" && break
+    kill -0 "$VG" 2>/dev/null || break
     sleep 0.2
   done
+  port_open "$PORT" || { cat "$WORK/nginx.log" "$WORK/valgrind.log" >&2; exit 1; }
 else
   TOLLGATE="$(realpath "$TARGET")"
   python3 "$HERE/load/gen-config.py" "$WORK/tollgate.toml" "$MOCK" "$WORK/journal" 10000 dir

@@ -222,10 +222,9 @@ forget_pid() {
   for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
   PIDS=("${keep[@]}")
 }
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# free_port, port_open, nginx_conf.
+# shellcheck source=load/common.sh
+. "$LOAD_DIR/common.sh"
 
 # CPU clock ticks (utime + stime, all threads) of the given pids, summed.
 cpu_ticks() {
@@ -296,9 +295,7 @@ start_nginx() {
   local prefix="$WORK/nginx-$1" port
   mkdir -p "$prefix"
   port="$(free_port)"
-  sed -e "s#@PREFIX@#$prefix#g" -e "s#@LISTEN@#127.0.0.1:$port#g" -e "s#@UPSTREAM@#$MOCK_ADDR#g" \
-    -e "s#@UPSTREAM_KEY@#$UPSTREAM_KEY#g" \
-    "$LOAD_DIR/nginx.conf.in" >"$prefix/nginx.conf"
+  nginx_conf "$prefix" "$port" "$MOCK_ADDR" "$UPSTREAM_KEY" >"$prefix/nginx.conf"
   "${PIN_PROXY[@]}" "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log" \
     >"$prefix/stdout.log" 2>&1 &
   NGX_PID=$!
