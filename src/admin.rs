@@ -12,10 +12,10 @@
 
 use std::sync::Arc;
 
+use crate::server::RequestBody;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -77,7 +77,7 @@ impl Admin {
         }
     }
 
-    fn authorised(&self, req: &Request<Incoming>) -> bool {
+    fn authorised(&self, req: &Request<RequestBody>) -> bool {
         let presented = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -89,7 +89,7 @@ impl Admin {
         digests_equal(&digest, &self.token_digest)
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         if req.method() == Method::GET && path == "/healthz" {
             return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
@@ -144,7 +144,7 @@ impl Admin {
         json(StatusCode::OK, &state.view(&policy))
     }
 
-    async fn add_grant(&self, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn add_grant(&self, id: &str, req: Request<RequestBody>) -> Response<Full<Bytes>> {
         let Some(policy) = self.policy(id) else {
             return error(StatusCode::NOT_FOUND, &format!("no account `{id}`"));
         };

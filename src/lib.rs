@@ -27,7 +27,7 @@ pub mod pricing;
 pub mod provider;
 pub mod proxy;
 pub mod reload;
-mod server;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

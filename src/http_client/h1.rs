@@ -397,7 +397,7 @@ enum Framing {
 
 /// Where a chunked body's decoder stands.
 #[derive(Debug, PartialEq)]
-enum ChunkState {
+pub(crate) enum ChunkState {
     /// Expecting a chunk-size line.
     Size,
     /// In a chunk's data, this many bytes still to come.
@@ -413,7 +413,11 @@ impl ChunkState {
     /// frame per upstream chunk, as hyper hands them over: a budgeted stream is checked, and
     /// can be cut, after each). Returns the bytes used and whether the body ended; an
     /// incomplete line or CRLF is left for the next call.
-    fn decode(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(usize, bool), UpstreamError> {
+    pub(crate) fn decode(
+        &mut self,
+        input: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(usize, bool), UpstreamError> {
         let mut pos = 0;
         loop {
             let rest = &input[pos..];

@@ -6,6 +6,8 @@
 
 mod h1;
 
+pub(crate) use h1::ChunkState;
+
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -10,13 +10,13 @@ pub mod snapshot;
 
 use std::sync::Arc;
 
+use crate::server::RequestBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 
 use std::time::Instant;
 
@@ -148,7 +148,7 @@ impl Body for GatewayBody {
 
 impl Gateway {
     /// Serves one request; never fails (errors become dialect-shaped responses).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GatewayBody> {
+    pub async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<GatewayBody> {
         let endpoint = Endpoint::classify(req.method(), req.uri().path());
         let dialect = endpoint
             .dialect()
@@ -166,7 +166,7 @@ impl Gateway {
 
     async fn proxy(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         endpoint: Endpoint,
         dialect: Dialect,
     ) -> Result<Response<GatewayBody>, GatewayError> {
@@ -744,7 +744,7 @@ fn authenticate(
 }
 
 async fn read_body(
-    body: Incoming,
+    body: RequestBody,
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {

@@ -1,23 +1,23 @@
-//! The data-plane listener: accepts connections, serves HTTP/1.1 with hyper, closes client
-//! connections that sit idle or send a request head too slowly, and shuts down gracefully
-//! (stop accepting, let in-flight requests finish within the grace period, then sync the
-//! ledger).
+//! The data-plane listener: accepts connections, serves HTTP/1.1 on each ([`h1`]), closes
+//! client connections that sit idle or send a request head too slowly, and shuts down
+//! gracefully (stop accepting, let in-flight requests finish within the grace period, then
+//! sync the ledger).
+
+mod h1;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use hyper::body::{Body, Frame, SizeHint};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body::Body;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+pub use h1::{BodyError, RequestBody};
 
 use crate::proxy::Gateway;
 
@@ -38,14 +38,15 @@ pub(crate) fn spawn_data_plane(
     })
 }
 
-/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains.
+/// Serves HTTP/1.1 on `listener` with `handler` until `stop` changes, then drains: idle
+/// connections close at once, busy ones after the response in progress, and whatever is left
+/// after `grace` is left to the runtime's end.
 ///
 /// A client connection with no request in progress that completes no request head and takes
-/// no response bytes for a whole `idle_timeout` is closed: an idle keep-alive connection, one
-/// sending its head too slowly (a slow-loris client), or one that stopped reading what hyper
-/// still holds of a response goes after between one and two periods. hyper's own header-read
-/// timeout did this with a timer armed and dropped for every request (2 % of the instructions
-/// of a proxied chat request); this checks once per period (see [`until_idle`]).
+/// no response bytes for a whole `idle_timeout` is closed: an idle keep-alive connection, or
+/// one sending its head too slowly (a slow-loris client), goes after between one and two
+/// periods. A timer armed and dropped for every request would cost 2 % of the instructions
+/// of a proxied chat request; this checks once per period (see [`until_idle`]).
 pub(crate) fn spawn_listener<H, F, B>(
     listener: TcpListener,
     grace: Duration,
@@ -54,17 +55,14 @@ pub(crate) fn spawn_listener<H, F, B>(
     handler: H,
 ) -> JoinHandle<()>
 where
-    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
-    B: Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Fn(http::Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display + Send,
 {
     tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // No per-request header timer: the connection task's idle check does its work.
-        http.header_read_timeout(None);
+        // Each connection holds a receiver: the sender sees when the last one has ended.
+        let (drain, draining) = watch::channel(false);
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -79,26 +77,11 @@ where
                 }
             };
             let _ = stream.set_nodelay(true);
-            let handler = handler.clone();
-            let activity = Arc::new(Activity::default());
-            let seen = activity.clone();
-            let service = service_fn(move |req| {
-                activity.started.fetch_add(1, Ordering::Relaxed);
-                let response = handler(req);
-                let activity = activity.clone();
-                async move {
-                    let response = response.await.map(|inner| Tracked { inner, activity });
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let stream = Counted {
-                inner: stream,
-                activity: seen.clone(),
-            };
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
+            let shared = h1::Shared::new(stream);
+            let conn = h1::Conn::new(shared.clone(), handler.clone());
+            let draining = draining.clone();
             tokio::spawn(async move {
-                match until_idle(conn, &seen, idle_timeout).await {
+                match until_idle(conn.run(draining), &shared.activity, idle_timeout).await {
                     Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
                     Some(Ok(())) => {}
                     None => tracing::debug!("closed an idle client connection"),
@@ -106,10 +89,9 @@ where
             });
         }
         drop(listener);
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        drop(draining);
+        let _ = drain.send(true);
+        if tokio::time::timeout(grace, drain.closed()).await.is_err() {
             tracing::warn!(
                 grace_ms = grace.as_millis() as u64,
                 "grace period over; dropping in-flight connections"
@@ -152,9 +134,9 @@ async fn until_idle<C: Future>(
 }
 
 /// What a connection's idle check looks at: request heads completed, responses done (their
-/// bodies taken whole by hyper, or dropped), and bytes written to the client (hyper may still
-/// hold a taken body's bytes while a slow client reads). All are counted on the connection's
-/// own task, as is the check, so relaxed atomics suffice.
+/// bodies ended or dropped), and bytes written to the client (a slow client may still be
+/// taking the last of a response). All are counted on the connection's own task, as is the
+/// check, so relaxed atomics suffice.
 #[derive(Default)]
 struct Activity {
     started: AtomicU64,
@@ -185,98 +167,6 @@ impl Activity {
     }
 }
 
-/// The client's socket, counting the bytes written to it.
-struct Counted {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl Counted {
-    fn count(&self, written: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = written {
-            self.activity
-                .written
-                .fetch_add(*n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.count(&written);
-        written
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.count(&written);
-        written
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A response body that counts itself finished when hyper drops it.
-struct Tracked<B> {
-    inner: B,
-    activity: Arc<Activity>,
-}
-
-impl<B> Drop for Tracked<B> {
-    fn drop(&mut self) {
-        self.activity.finished.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Reports the address a listener really bound (port 0 resolved).
 pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
@@ -285,8 +175,10 @@ pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use http_body::{Frame, SizeHint};
     use http_body_util::Full;
+    use std::pin::Pin;
+    use std::task::Context;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -364,7 +256,7 @@ mod tests {
                 } else {
                     TestBody::Full(Full::new(Bytes::from_static(b"ok")))
                 };
-                hyper::Response::new(body)
+                http::Response::new(body)
             },
         );
         (addr, stop)
@@ -490,8 +382,8 @@ mod tests {
     /// Serves `handler` with the test idle timeout.
     async fn serve_full<H, F>(handler: H) -> (SocketAddr, watch::Sender<bool>)
     where
-        H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-        F: std::future::Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+        H: Fn(http::Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -508,7 +400,7 @@ mod tests {
             for _ in 0..300 {
                 tokio::task::consume_budget().await;
             }
-            hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+            http::Response::new(Full::new(Bytes::from_static(b"ok")))
         })
         .await;
         let mut conn = TcpStream::connect(addr).await.unwrap();
@@ -527,7 +419,7 @@ mod tests {
     async fn a_large_response_is_not_cut_while_a_slow_client_reads_it() {
         const SIZE: usize = 32 << 20;
         let (addr, _stop) = serve_full(|_req| async move {
-            hyper::Response::new(Full::new(Bytes::from(vec![b'x'; SIZE])))
+            http::Response::new(Full::new(Bytes::from(vec![b'x'; SIZE])))
         })
         .await;
         let mut conn = TcpStream::connect(addr).await.unwrap();
