@@ -395,7 +395,18 @@ enum Framing {
     Done,
 }
 
-/// Where a chunked body's decoder stands.
+/// Longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
+/// Most bytes of trailer section accepted after the last chunk (trailers are discarded).
+const MAX_TRAILER_BYTES: u32 = 16 * 1024;
+/// Most trailer fields accepted.
+const MAX_TRAILER_FIELDS: u32 = 100;
+
+/// Where a chunked body's decoder stands. Decoding is strict (RFC 9112 §7.1): every line ends
+/// in CRLF, a chunk-size line holds hex digits and extensions without control bytes, and
+/// lines and trailers are bounded. A lenient decoder that takes a bare LF as a line end reads
+/// a different body than a strict one in front of or behind it: the gap request smuggling
+/// uses.
 #[derive(Debug, PartialEq)]
 pub(crate) enum ChunkState {
     /// Expecting a chunk-size line.
@@ -404,8 +415,8 @@ pub(crate) enum ChunkState {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: trailer lines up to an empty line.
-    Trailers,
+    /// After the last chunk: trailer lines up to an empty line (bytes and fields so far).
+    Trailers { bytes: u32, fields: u32 },
 }
 
 impl ChunkState {
@@ -422,20 +433,22 @@ impl ChunkState {
         loop {
             let rest = &input[pos..];
             match self {
-                ChunkState::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((_, size))) if size > 0 && !out.is_empty() => {
+                ChunkState::Size => match chunk_size_line(rest)? {
+                    Some((_, size)) if size > 0 && !out.is_empty() => {
                         return Ok((pos, false)); // the next chunk goes in the next frame
                     }
-                    Ok(httparse::Status::Complete((used, size))) => {
+                    Some((used, size)) => {
                         pos += used;
                         *self = if size == 0 {
-                            ChunkState::Trailers
+                            ChunkState::Trailers {
+                                bytes: 0,
+                                fields: 0,
+                            }
                         } else {
                             ChunkState::Data(size)
                         };
                     }
-                    Ok(httparse::Status::Partial) => return Ok((pos, false)),
-                    Err(_) => return Err(UpstreamError::Malformed("chunk size line".into())),
+                    None => return Ok((pos, false)),
                 },
                 ChunkState::Data(remaining) => {
                     if rest.is_empty() {
@@ -461,17 +474,81 @@ impl ChunkState {
                         ));
                     }
                 },
-                ChunkState::Trailers => match memchr::memchr(b'\n', rest) {
-                    None => return Ok((pos, false)),
-                    Some(i) => {
-                        pos += i + 1;
-                        if matches!(&rest[..i], b"" | b"\r") {
-                            return Ok((pos, true));
-                        }
+                ChunkState::Trailers { bytes, fields } => {
+                    let line = memchr::memchr(b'\n', rest);
+                    let len = line.map_or(rest.len(), |i| i + 1);
+                    if u64::from(*bytes) + len as u64 > u64::from(MAX_TRAILER_BYTES) {
+                        return Err(UpstreamError::Malformed(format!(
+                            "trailers over {} KiB",
+                            MAX_TRAILER_BYTES / 1024
+                        )));
                     }
-                },
+                    let Some(i) = line else {
+                        return Ok((pos, false));
+                    };
+                    if i == 0 || rest[i - 1] != b'\r' {
+                        return Err(UpstreamError::Malformed(
+                            "a trailer line not ended by CRLF".into(),
+                        ));
+                    }
+                    pos += i + 1;
+                    if i == 1 {
+                        return Ok((pos, true));
+                    }
+                    *bytes += (i + 1) as u32;
+                    *fields += 1;
+                    if *fields > MAX_TRAILER_FIELDS {
+                        return Err(UpstreamError::Malformed(format!(
+                            "more than {MAX_TRAILER_FIELDS} trailer fields"
+                        )));
+                    }
+                }
             }
         }
+    }
+}
+
+/// Parses a chunk-size line at the start of `line`: `1*HEXDIG [ws] *(";" ext) CRLF`, where
+/// an extension holds no control bytes but tab. The bytes it took and the size, or `None`
+/// when the line is not all there yet.
+fn chunk_size_line(line: &[u8]) -> Result<Option<(usize, u64)>, UpstreamError> {
+    let malformed = |what: &str| Err(UpstreamError::Malformed(format!("chunk size line: {what}")));
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == line.len() {
+        // All hex so far: the line goes on.
+        return if digits > 16 {
+            malformed("a size over 64 bits")
+        } else {
+            Ok(None)
+        };
+    }
+    if digits == 0 {
+        return malformed("no size");
+    }
+    if digits > 16 {
+        return malformed("a size over 64 bits");
+    }
+    let mut size = 0u64;
+    for &b in &line[..digits] {
+        // `digits` ≤ 16 hex digits: no overflow.
+        size = size << 4 | u64::from(char::from(b).to_digit(16).unwrap_or(0));
+    }
+    let mut at = digits;
+    while at < line.len() && matches!(line[at], b' ' | b'\t') {
+        at += 1;
+    }
+    if at < line.len() && line[at] == b';' {
+        // Extensions (ignored): anything printable up to the CR.
+        while at < line.len() && (line[at] == b'\t' || (line[at] >= b' ' && line[at] != 0x7f)) {
+            at += 1;
+        }
+    }
+    match line.get(at..) {
+        Some([b'\r', b'\n', ..]) => Ok(Some((at + 2, size))),
+        Some([] | [b'\r']) if at < MAX_CHUNK_LINE_BYTES => Ok(None),
+        Some([] | [b'\r']) => malformed("longer than 4 KiB"),
+        Some([b'\n', ..]) => malformed("ended by a bare LF"),
+        _ => malformed("a control byte or junk after the size"),
     }
 }
 
@@ -653,6 +730,24 @@ mod tests {
             // A frame never spans two chunks: a cut inside a chunk splits it in two frames.
             assert!((3..=4).contains(&frames.len()), "cut at {cut}: {frames:?}");
         }
+        // Bounded: a size line over 4 KiB, trailers over 16 KiB or 100 fields.
+        let long_ext = format!("1;{}", "x".repeat(4096));
+        let e = decode_pieces(&[long_ext.as_bytes()]).unwrap_err();
+        assert!(e.to_string().contains("longer than 4 KiB"), "{e}");
+        assert!(decode_pieces(&[&long_ext.as_bytes()[..4000], b"\r\na\r\n"]).is_ok());
+        let big_trailer = format!("0\r\nx: {}\r\n\r\n", "y".repeat(16 * 1024));
+        let e = decode_pieces(&[big_trailer.as_bytes()]).unwrap_err();
+        assert!(e.to_string().contains("trailers over 16 KiB"), "{e}");
+        let many = |n: usize| format!("0\r\n{}\r\n", "t: v\r\n".repeat(n));
+        assert!(decode_pieces(&[many(100).as_bytes()]).unwrap().1);
+        let e = decode_pieces(&[many(101).as_bytes()]).unwrap_err();
+        assert!(
+            e.to_string().contains("more than 100 trailer fields"),
+            "{e}"
+        );
+        // Tabs and spaces after the size, and tabs in extensions, are allowed.
+        let (frames, done) = decode_pieces(&[b"3 \t;a=\"b\tc\"\r\nabc\r\n0\r\n\r\n"]).unwrap();
+        assert_eq!((frames.concat(), done), (b"abc".to_vec(), true));
         // Without the terminating empty line the body has not ended.
         let (frames, done) = decode_pieces(&[b"2\r\nab\r\n0\r\n"]).unwrap();
         assert_eq!((frames, done), (vec![b"ab".to_vec()], false));
@@ -664,6 +759,18 @@ mod tests {
             &b"zz\r\nab\r\n"[..],
             b"2\r\nabX\r\n0\r\n\r\n",
             b"fffffffffffffffff\r\n",
+            b"00000000000000001\r\n",
+            // Bare LFs, where a lenient decoder and a strict one would part ways.
+            b"3\nabc\r\n",
+            b"3;x\nyy\r\nabc\r\n",
+            b"0\r\n\n",
+            b"0\r\ntrailer: x\n\r\n",
+            // Control bytes and junk on the size line.
+            b"3;a\x01b\r\nabc\r\n",
+            b"3\rabc\r\n",
+            b"3 4\r\nabc\r\n",
+            b";x\r\n",
+            b"-3\r\n",
         ] {
             let e = decode_pieces(&[bad]).unwrap_err();
             assert!(matches!(e, UpstreamError::Malformed(_)), "{bad:?}: {e}");

@@ -49,6 +49,8 @@ const MAX_CHUNK_LINE_BYTES: usize = 64 * 1024;
 /// Response body frames up to this size are copied behind the head or the previous frame,
 /// so that what is ready leaves in one write; larger ones are written from where they are.
 const COPY_FRAME_BYTES: usize = 16 * 1024;
+/// Response bytes gathered, at most, before they are written.
+const MAX_OUT_BYTES: usize = 64 * 1024;
 /// Pipelined bytes read ahead while a response is in progress, at most (to notice the
 /// client's end of the connection); past this, reading waits for the response to finish.
 const MAX_READ_AHEAD_BYTES: usize = 64 * 1024;
@@ -195,7 +197,16 @@ impl RequestBody {
                 }
                 Ok(n) => {
                     *left -= n as u64;
-                    return Poll::Ready(Some(Ok(wire.buf.split().freeze())));
+                    // A small read is copied out, so that the frame the handler may keep
+                    // does not hold the whole buffer; the buffer is reused.
+                    let data = if n * 2 < wire.buf.capacity() {
+                        let data = Bytes::copy_from_slice(&wire.buf);
+                        wire.buf.clear();
+                        data
+                    } else {
+                        wire.buf.split().freeze()
+                    };
+                    return Poll::Ready(Some(Ok(data)));
                 }
             }
         }
@@ -436,6 +447,10 @@ pub(super) struct Conn<H> {
     out: Vec<u8>,
     /// Where the fields of the head being served are ([`Head::parse`]).
     fields: Vec<FieldAt>,
+    /// How much of `buf` was looked at for a head's end.
+    scanned: usize,
+    /// The client closed its sending side with pipelined requests in `buf`.
+    read_closed: bool,
 }
 
 impl<H, F, B> Conn<H>
@@ -452,6 +467,8 @@ where
             buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
             out: Vec::with_capacity(1024),
             fields: Vec::with_capacity(32),
+            scanned: 0,
+            read_closed: false,
         }
     }
 
@@ -473,15 +490,12 @@ where
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(()),
                 Err(refused) => {
+                    self.started();
                     self.refuse(refused).await;
                     return Ok(());
                 }
             };
-            let started = self.shared.activity.started.load(Ordering::Relaxed);
-            self.shared
-                .activity
-                .started
-                .store(started + 1, Ordering::Relaxed);
+            self.started();
             let (request, exchange) = match self.take_request(head) {
                 Ok(r) => r,
                 Err(refused) => {
@@ -489,9 +503,7 @@ where
                     return Ok(());
                 }
             };
-            // The sender gone (the listener ended) counts as draining too.
-            let draining = drain.has_changed().unwrap_or(true);
-            if !self.exchange(request, &exchange, draining).await? {
+            if !self.exchange(request, &exchange, &drain).await? {
                 return Ok(());
             }
         }
@@ -502,7 +514,7 @@ where
         &mut self,
         request: Request<RequestBody>,
         exchange: &Exchange,
-        draining: bool,
+        drain: &watch::Receiver<bool>,
     ) -> io::Result<bool> {
         let mut watching = !exchange.body_on_wire;
         let response = {
@@ -516,7 +528,7 @@ where
                     self.take_leftover();
                     watching = true;
                 }
-                if watching && client_gone(&self.shared, &mut self.buf, cx) {
+                if watching && client_gone(&self.shared, &mut self.buf, &mut self.read_closed, cx) {
                     return Poll::Ready(None);
                 }
                 Poll::Pending
@@ -526,6 +538,8 @@ where
         let Some(response) = response else {
             return Ok(false); // the client went away: the handler was dropped
         };
+        // Draining (or the listener gone) by the time the response starts: it says `close`.
+        let draining = drain.has_changed().unwrap_or(true);
         let mut keep_alive = exchange.keep_alive && !draining;
         let mut unread = 0;
         if exchange.body_on_wire {
@@ -553,14 +567,25 @@ where
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Head>, Refused>> {
         loop {
             if !self.buf.is_empty() {
-                if let Some(head) = Head::parse(&self.buf, &mut self.fields)? {
-                    return Poll::Ready(Ok(Some(head)));
-                }
-                if self.buf.len() >= MAX_HEAD_BYTES {
+                // Parsed when the first bytes come (to refuse what is not HTTP at once) and
+                // when new bytes may end the head, not on every read of a head that trickles
+                // in.
+                let look = self.scanned == 0 || ends_head(&self.buf, self.scanned);
+                self.scanned = self.buf.len();
+                let head = if look {
+                    Head::parse(&self.buf, &mut self.fields)?
+                } else {
+                    None
+                };
+                if head.as_ref().map_or(self.buf.len(), |h| h.len) > MAX_HEAD_BYTES {
                     return Poll::Ready(Err(Refused {
                         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         message: format!("request head over {} KiB", MAX_HEAD_BYTES / 1024),
                     }));
+                }
+                if head.is_some() {
+                    self.scanned = 0;
+                    return Poll::Ready(Ok(head));
                 }
             }
             match ready!(self.shared.poll_read(cx, &mut self.buf)) {
@@ -813,7 +838,10 @@ where
                 Poll::Ready(frame) => Poll::Ready(Step::Frame(frame)),
                 // Nothing more ready: send what is buffered before waiting.
                 Poll::Pending if !self.out.is_empty() => Poll::Ready(Step::Flush),
-                Poll::Pending if watching && client_gone(&self.shared, &mut self.buf, cx) => {
+                Poll::Pending
+                    if watching
+                        && client_gone(&self.shared, &mut self.buf, &mut self.read_closed, cx) =>
+                {
                     Poll::Ready(Step::ClientGone)
                 }
                 Poll::Pending => Poll::Pending,
@@ -864,6 +892,10 @@ where
                     if framing == Out::Chunked {
                         self.out.extend_from_slice(b"\r\n");
                     }
+                    // A body whose frames are always ready is written as it goes.
+                    if self.out.len() >= MAX_OUT_BYTES {
+                        self.flush(&[]).await?;
+                    }
                 }
                 Some(Err(e)) => {
                     // What went before reaches the client; the missing end tells it the
@@ -890,6 +922,12 @@ where
                 }
             }
         }
+    }
+
+    /// A request is in (or refused), for the idle check.
+    fn started(&self) {
+        let started = &self.shared.activity.started;
+        started.store(started.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     /// A response is done with (its body ended or dropped), for the idle check.
@@ -944,11 +982,6 @@ where
 
     /// Answers a request refused before it reached the handler, and ends the connection.
     async fn refuse(&mut self, refused: Refused) {
-        let started = self.shared.activity.started.load(Ordering::Relaxed);
-        self.shared
-            .activity
-            .started
-            .store(started + 1, Ordering::Relaxed);
         let body = refusal_body(&refused.message);
         let out = &mut self.out;
         out.clear();
@@ -972,16 +1005,35 @@ where
 }
 
 /// Whether the client closed its end (or the connection broke). Reads ahead what it sends
-/// meanwhile (a pipelined request), up to [`MAX_READ_AHEAD_BYTES`].
-fn client_gone(shared: &Shared, buf: &mut BytesMut, cx: &mut Context<'_>) -> bool {
-    while buf.len() < MAX_READ_AHEAD_BYTES {
+/// meanwhile (a pipelined request), up to [`MAX_READ_AHEAD_BYTES`]. A client that closes
+/// its sending side after pipelined requests still waits for their answers: that end is
+/// noted in `read_closed` and not taken for the client going away.
+fn client_gone(
+    shared: &Shared,
+    buf: &mut BytesMut,
+    read_closed: &mut bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    while !*read_closed && buf.len() < MAX_READ_AHEAD_BYTES {
         match shared.poll_read(cx, buf) {
             Poll::Pending => return false,
+            Poll::Ready(Ok(0)) if !buf.is_empty() => *read_closed = true,
             Poll::Ready(Ok(0) | Err(_)) => return true,
             Poll::Ready(Ok(_)) => {}
         }
     }
     false
+}
+
+/// Whether the bytes of `buf` from `from` on (and the three before them) hold an empty line:
+/// the end of a head.
+fn ends_head(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(3);
+    memchr::memchr_iter(b'\n', &buf[start..]).any(|i| {
+        let at = start + i;
+        matches!(buf.get(at + 1), Some(b'\n'))
+            || matches!(buf.get(at + 1..at + 3), Some([b'\r', b'\n']))
+    })
 }
 
 /// What the response loop does next.
@@ -1095,12 +1147,18 @@ mod tests {
     /// - `/ignore`: `ignored`, the body left unread;
     /// - `/wait`: answers after 5 s; `dropped` counts the handlers dropped before that;
     /// - `/stream`: three chunks of unknown total length, 20 ms apart;
+    /// - `/slow`: `slow`, after 300 ms;
+    /// - `/flood`: [`FLOOD_FRAMES`] frames of 16 KiB, always ready; `polled` counts those
+    ///   taken;
     /// - anything else: `ok`.
     struct Server {
         addr: SocketAddr,
         stop: watch::Sender<bool>,
         dropped: Arc<AtomicUsize>,
+        polled: Arc<AtomicUsize>,
     }
+
+    const FLOOD_FRAMES: usize = 4096;
 
     struct CountDrop(Arc<AtomicUsize>, bool);
 
@@ -1118,6 +1176,8 @@ mod tests {
         let (stop, stop_rx) = watch::channel(false);
         let dropped = Arc::new(AtomicUsize::new(0));
         let counter = dropped.clone();
+        let polled = Arc::new(AtomicUsize::new(0));
+        let flooded = polled.clone();
         super::super::spawn_listener(
             listener,
             Duration::from_secs(2),
@@ -1125,6 +1185,7 @@ mod tests {
             stop_rx,
             move |req: Request<RequestBody>| {
                 let counter = counter.clone();
+                let flooded = flooded.clone();
                 async move {
                     let text = |s: String| Full::new(Bytes::from(s)).boxed();
                     let (status, body) = match req.uri().path() {
@@ -1154,6 +1215,19 @@ mod tests {
                             );
                             (200, BodyExt::boxed(http_body_util::StreamBody::new(frames)))
                         }
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            (200, text("slow".into()))
+                        }
+                        "/flood" => {
+                            let frames = futures::stream::iter(0..FLOOD_FRAMES).map(move |_| {
+                                flooded.fetch_add(1, Ordering::SeqCst);
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+                                    vec![b'f'; 16 * 1024],
+                                )))
+                            });
+                            (200, BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+                        }
                         _ => (200, text("ok".into())),
                     };
                     let mut response = Response::new(body);
@@ -1166,6 +1240,7 @@ mod tests {
             addr,
             stop,
             dropped,
+            polled,
         }
     }
 
@@ -1577,5 +1652,108 @@ mod tests {
                 closed(&mut late).await
             }
         );
+    }
+
+    #[test]
+    fn a_head_end_is_found_in_the_new_bytes_or_just_before_them() {
+        for head in [
+            &b"GET / HTTP/1.1\r\na: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\na: b\n\n",
+        ] {
+            let end = head.len() - 1; // where the empty line ends
+            for from in 0..=end {
+                assert!(ends_head(head, from), "from {from} in {head:?}");
+            }
+            // Not in a line that merely ends.
+            assert!(!ends_head(&head[..head.len() - 2], 0));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_arriving_a_byte_at_a_time_is_served() {
+        let s = server().await;
+        let mut conn = connect(&s).await;
+        for &b in b"GET / HTTP/1.1\r\nhost: t\r\n\r\n" {
+            conn.write_all(&[b]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(
+            read_reply(&mut conn, &mut Vec::new(), false).await.body,
+            b"ok"
+        );
+        // Garbage is refused as soon as it comes, not after 64 KiB or an empty line.
+        conn.write_all(b"\x16\x03\x01\x02\x00\x01").await.unwrap();
+        let reply = read_reply(&mut conn, &mut Vec::new(), false).await;
+        assert_eq!(reply.status, 400);
+    }
+
+    #[tokio::test]
+    async fn bare_lf_in_a_chunked_body_is_refused_not_read_leniently() {
+        let s = server().await;
+        for body in [
+            // A bare LF ending the trailers: a lenient reader would take the bytes after it
+            // for a second request.
+            &b"0\r\n\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
+            b"3;x\nyy\r\nabc\r\n0\r\n\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut request = b"POST /echo HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            request.extend_from_slice(body);
+            let (reply, closed) = one_shot(&s, &request).await;
+            let text = String::from_utf8_lossy(&reply.body);
+            assert_eq!(reply.status, 400, "{text}");
+            assert!(text.contains("malformed chunked request body"), "{text}");
+            assert!(closed, "{text}: left open");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drain_while_the_handler_runs_makes_its_response_say_close() {
+        let s = server().await;
+        let mut conn = connect(&s).await;
+        conn.write_all(b"GET /slow HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.stop.send(true).unwrap();
+        let reply = read_reply(&mut conn, &mut Vec::new(), false).await;
+        assert_eq!(reply.body, b"slow");
+        assert_eq!(reply.header("connection"), Some("close"));
+        assert!(closed(&mut conn).await);
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_then_a_half_close_are_all_answered() {
+        let s = server().await;
+        let mut conn = connect(&s).await;
+        conn.write_all(b"GET /slow HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        conn.shutdown().await.unwrap();
+        let mut pending = Vec::new();
+        assert_eq!(
+            read_reply(&mut conn, &mut pending, false).await.body,
+            b"slow"
+        );
+        assert_eq!(read_reply(&mut conn, &mut pending, false).await.body, b"ok");
+        assert!(closed(&mut conn).await);
+        assert_eq!(s.dropped.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_always_ready_body_is_written_as_it_goes_not_gathered_whole() {
+        let s = server().await;
+        let mut conn = connect(&s).await;
+        conn.write_all(b"GET /flood HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        // The client reads nothing: the server can only get as far as the socket buffers.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let taken = s.polled.load(Ordering::SeqCst);
+        assert!(
+            taken < FLOOD_FRAMES / 2,
+            "{taken} frames taken with nothing read"
+        );
+        // Reading, it all comes.
+        let reply = read_reply(&mut conn, &mut Vec::new(), false).await;
+        assert_eq!(reply.body.len(), FLOOD_FRAMES * 16 * 1024);
     }
 }
