@@ -411,10 +411,10 @@ mod tests {
         );
     }
 
-    /// `Tracked` counts a response finished when hyper takes its last frame, before hyper
-    /// has written it out (it queues a whole `Full` chunk): without the bytes written
-    /// counted, a check finding the connection idle would drop it with the rest unsent.
-    /// Here a steady reader of a 32 MB response takes about 2 s (over ten periods).
+    /// A response is counted finished when its last frame is taken, before it is all
+    /// written (a 32 MB `Full` frame goes out as the client reads it): without the bytes
+    /// written counted, a check finding the connection idle would drop it with the rest
+    /// unsent. Here a steady reader of a 32 MB response takes about 2 s (over ten periods).
     #[tokio::test]
     async fn a_large_response_is_not_cut_while_a_slow_client_reads_it() {
         const SIZE: usize = 32 << 20;
