@@ -491,6 +491,16 @@ impl ChunkState {
                             "a trailer line not ended by CRLF".into(),
                         ));
                     }
+                    // No other CR (a bare CR makes the line invalid, RFC 9112 §2.2), nor
+                    // any control byte but tab.
+                    if rest[..i - 1]
+                        .iter()
+                        .any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+                    {
+                        return Err(UpstreamError::Malformed(
+                            "a control byte in a trailer line".into(),
+                        ));
+                    }
                     pos += i + 1;
                     if i == 1 {
                         return Ok((pos, true));
@@ -765,6 +775,11 @@ mod tests {
             b"3;x\nyy\r\nabc\r\n",
             b"0\r\n\n",
             b"0\r\ntrailer: x\n\r\n",
+            // Bare CRs in trailers: `\r\r\n` is no empty line.
+            b"0\r\n\r\r\n\r\n",
+            b"0\r\nx: a\rb\r\n\r\n",
+            b"0\r\nx: y\r\r\n\r\n",
+            b"0\r\nx: \x01\r\n\r\n",
             // Control bytes and junk on the size line.
             b"3;a\x01b\r\nabc\r\n",
             b"3\rabc\r\n",

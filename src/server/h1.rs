@@ -451,6 +451,9 @@ pub(super) struct Conn<H> {
     scanned: usize,
     /// The client closed its sending side with pipelined requests in `buf`.
     read_closed: bool,
+    /// Heads parsed (or tried), for tests.
+    #[cfg(test)]
+    parses: usize,
 }
 
 impl<H, F, B> Conn<H>
@@ -469,6 +472,8 @@ where
             fields: Vec::with_capacity(32),
             scanned: 0,
             read_closed: false,
+            #[cfg(test)]
+            parses: 0,
         }
     }
 
@@ -477,14 +482,12 @@ where
     /// closes at once).
     pub(super) async fn run(mut self, mut drain: watch::Receiver<bool>) -> io::Result<()> {
         loop {
-            let head = if self.buf.is_empty() {
-                tokio::select! {
-                    biased;
-                    head = std::future::poll_fn(|cx| self.poll_head(cx)) => head,
-                    _ = drain.changed() => return Ok(()),
-                }
-            } else {
-                std::future::poll_fn(|cx| self.poll_head(cx)).await
+            // A head already buffered is served (its response says `close` when draining);
+            // waiting for one, the connection closes when the drain starts.
+            let head = tokio::select! {
+                biased;
+                head = std::future::poll_fn(|cx| self.poll_head(cx)) => head,
+                _ = drain.changed() => return Ok(()),
             };
             let head = match head {
                 Ok(Some(head)) => head,
@@ -556,7 +559,7 @@ where
         if keep_alive {
             return Ok(unread == 0 || self.discard(unread).await);
         }
-        if unread > 0 {
+        if unread > 0 || self.input_pending() {
             self.linger().await;
         }
         Ok(false)
@@ -566,6 +569,20 @@ where
     /// client closed between requests), or what to refuse it with.
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Head>, Refused>> {
         loop {
+            // Empty lines before a request line are skipped (RFC 9112 §2.2), once: left in
+            // the buffer, they would make every read look like a head's end.
+            let mut blank = 0;
+            loop {
+                match self.buf[blank..] {
+                    [b'\n', ..] => blank += 1,
+                    [b'\r', b'\n', ..] => blank += 2,
+                    _ => break,
+                }
+            }
+            if blank > 0 {
+                self.buf.advance(blank);
+                self.scanned = self.scanned.saturating_sub(blank);
+            }
             if !self.buf.is_empty() {
                 // Parsed when the first bytes come (to refuse what is not HTTP at once) and
                 // when new bytes may end the head, not on every read of a head that trickles
@@ -573,6 +590,10 @@ where
                 let look = self.scanned == 0 || ends_head(&self.buf, self.scanned);
                 self.scanned = self.buf.len();
                 let head = if look {
+                    #[cfg(test)]
+                    {
+                        self.parses += 1;
+                    }
                     Head::parse(&self.buf, &mut self.fields)?
                 } else {
                     None
@@ -960,6 +981,16 @@ where
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Whether the client sent bytes that were not read (pipelined, or after its body), which
+    /// would make the close a reset.
+    fn input_pending(&self) -> bool {
+        let mut byte = [MaybeUninit::uninit()];
+        !self.buf.is_empty()
+            || socket2::SockRef::from(&self.shared.stream)
+                .peek(&mut byte)
+                .is_ok_and(|n| n > 0)
     }
 
     /// Closes the sending side and reads (discarding) what the client still sends for a
@@ -1688,7 +1719,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bare_lf_in_a_chunked_body_is_refused_not_read_leniently() {
+    async fn bare_lf_or_cr_in_a_chunked_body_is_refused_not_read_leniently() {
         let s = server().await;
         for body in [
             // A bare LF ending the trailers: a lenient reader would take the bytes after it
@@ -1696,6 +1727,9 @@ mod tests {
             &b"0\r\n\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
             b"3;x\nyy\r\nabc\r\n0\r\n\r\n",
             b"3\nabc\r\n0\r\n\r\n",
+            // A bare CR: `\r\r\n` is no empty line, nor part of a trailer.
+            b"0\r\n\r\r\nGET /smuggled HTTP/1.1\r\nhost: t\r\n\r\n",
+            b"0\r\nx: a\rb\r\n\r\n",
         ] {
             let mut request = b"POST /echo HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
             request.extend_from_slice(body);
@@ -1755,5 +1789,81 @@ mod tests {
         // Reading, it all comes.
         let reply = read_reply(&mut conn, &mut Vec::new(), false).await;
         assert_eq!(reply.body.len(), FLOOD_FRAMES * 16 * 1024);
+    }
+
+    #[tokio::test]
+    async fn empty_lines_before_a_request_are_skipped_not_parsed_on_every_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(Shared::new(stream), |_req: Request<RequestBody>| async {
+            Response::new(http_body_util::Empty::<Bytes>::new())
+        });
+        let sender = tokio::spawn(async move {
+            for i in 0..1000 {
+                client.write_all(b"\r\n").await.unwrap();
+                if i % 50 == 0 {
+                    // Read on their own, in twenty reads or more.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            client.write_all(b"\nGET / HTTP/1.1\r\n\r\n").await.unwrap();
+            client
+        });
+        let head = std::future::poll_fn(|cx| conn.poll_head(cx)).await;
+        let Ok(Some(head)) = head else {
+            panic!("no head")
+        };
+        assert_eq!(head.method, Method::GET);
+        assert!(conn.parses <= 2, "{} parses", conn.parses);
+        let _client = sender.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_connections_waiting_for_the_rest_of_a_head() {
+        let s = server().await;
+        let mut blank = connect(&s).await;
+        blank.write_all(b"\r\n\r\n").await.unwrap();
+        // Half a head behind a whole request: left in the buffer when the first is answered.
+        let mut partial = connect(&s).await;
+        partial
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET / HT")
+            .await
+            .unwrap();
+        let reply = read_reply(&mut partial, &mut Vec::new(), false).await;
+        assert_eq!(reply.body, b"ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.stop.send(true).unwrap();
+        assert!(
+            closed(&mut blank).await,
+            "the connection sending empty lines stayed"
+        );
+        assert!(
+            closed(&mut partial).await,
+            "the one with half a head stayed"
+        );
+    }
+
+    /// A connection closed with client bytes unread in the kernel would be reset, and the
+    /// response bytes still in the send buffer lost. Here an HTTP/1.0 client sends the extra
+    /// CRLF after a POST body that RFC 9112 §2.2 mentions, while a close-delimited response
+    /// is under way.
+    #[tokio::test]
+    async fn a_close_with_unread_client_bytes_does_not_reset_away_the_response() {
+        let s = server().await;
+        let mut conn = connect(&s).await;
+        conn.write_all(b"POST /flood HTTP/1.0\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write_all(b"\r\n").await.unwrap();
+        let reply = read_reply(&mut conn, &mut Vec::new(), false).await;
+        assert_eq!(
+            reply.body.len(),
+            FLOOD_FRAMES * 16 * 1024,
+            "response cut short"
+        );
     }
 }
