@@ -524,10 +524,15 @@ impl ChunkState {
 fn chunk_size_line(line: &[u8]) -> Result<Option<(usize, u64)>, UpstreamError> {
     let malformed = |what: &str| Err(UpstreamError::Malformed(format!("chunk size line: {what}")));
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    // Leading zeros are allowed (as hyper and nginx allow them), within the line's limit.
+    let significant = line[..digits].iter().skip_while(|&&b| b == b'0').count();
+    if significant > 16 {
+        return malformed("a size over 64 bits");
+    }
     if digits == line.len() {
         // All hex so far: the line goes on.
-        return if digits > 16 {
-            malformed("a size over 64 bits")
+        return if digits >= MAX_CHUNK_LINE_BYTES {
+            malformed("longer than 4 KiB")
         } else {
             Ok(None)
         };
@@ -535,12 +540,9 @@ fn chunk_size_line(line: &[u8]) -> Result<Option<(usize, u64)>, UpstreamError> {
     if digits == 0 {
         return malformed("no size");
     }
-    if digits > 16 {
-        return malformed("a size over 64 bits");
-    }
     let mut size = 0u64;
-    for &b in &line[..digits] {
-        // `digits` ≤ 16 hex digits: no overflow.
+    for &b in &line[digits - significant..digits] {
+        // At most 16 significant hex digits: no overflow.
         size = size << 4 | u64::from(char::from(b).to_digit(16).unwrap_or(0));
     }
     let mut at = digits;
@@ -755,6 +757,12 @@ mod tests {
             e.to_string().contains("more than 100 trailer fields"),
             "{e}"
         );
+        // Leading zeros, however many, within the line's limit.
+        let (frames, done) = decode_pieces(&[b"00000000000000000003\r\nabc\r\n0\r\n\r\n"]).unwrap();
+        assert_eq!((frames.concat(), done), (b"abc".to_vec(), true));
+        let zeros = "0".repeat(4096);
+        let e = decode_pieces(&[zeros.as_bytes()]).unwrap_err();
+        assert!(e.to_string().contains("longer than 4 KiB"), "{e}");
         // Tabs and spaces after the size, and tabs in extensions, are allowed.
         let (frames, done) = decode_pieces(&[b"3 \t;a=\"b\tc\"\r\nabc\r\n0\r\n\r\n"]).unwrap();
         assert_eq!((frames.concat(), done), (b"abc".to_vec(), true));
@@ -769,7 +777,8 @@ mod tests {
             &b"zz\r\nab\r\n"[..],
             b"2\r\nabX\r\n0\r\n\r\n",
             b"fffffffffffffffff\r\n",
-            b"00000000000000001\r\n",
+            b"10000000000000000\r\n",
+            b"000010000000000000000\r\n",
             // Bare LFs, where a lenient decoder and a strict one would part ways.
             b"3\nabc\r\n",
             b"3;x\nyy\r\nabc\r\n",
