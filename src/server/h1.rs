@@ -109,9 +109,18 @@ impl Shared {
                 }
             }
             if n == 0 {
+                self.activity
+                    .waiting_on_client
+                    .store(false, Ordering::Relaxed);
                 return Poll::Ready(Ok(()));
             }
-            ready!(self.stream.poll_write_ready(cx))?;
+            if self.stream.poll_write_ready(cx)?.is_pending() {
+                // The client is not reading: the idle check may end the connection.
+                self.activity
+                    .waiting_on_client
+                    .store(true, Ordering::Relaxed);
+                return Poll::Pending;
+            }
             let mut written = match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(w) => w,
@@ -197,6 +206,7 @@ impl RequestBody {
                 }
                 Ok(n) => {
                     *left -= n as u64;
+                    wire.shared.activity.add_read(n);
                     // A small read is copied out, so that the frame the handler may keep
                     // does not hold the whole buffer; the buffer is reused.
                     let data = if n * 2 < wire.buf.capacity() {
@@ -262,7 +272,7 @@ impl RequestBody {
                             .into(),
                     )));
                 }
-                Ok(_) => {}
+                Ok(n) => shared.activity.add_read(n),
                 Err(e) => return Poll::Ready(Some(Err(format!("reading the request body: {e}")))),
             }
         }
@@ -298,10 +308,16 @@ impl Body for RequestBody {
             }
         }
         let read = match wire.framing {
-            WireFraming::Length(_) => ready!(Self::read_length(wire, cx)),
-            WireFraming::Chunked(_) => ready!(Self::read_chunked(wire, cx)),
-            WireFraming::Ended => None,
+            WireFraming::Length(_) => Self::read_length(wire, cx),
+            WireFraming::Chunked(_) => Self::read_chunked(wire, cx),
+            WireFraming::Ended => Poll::Ready(None),
         };
+        // Waiting for body bytes the client has not sent: the idle check may end it.
+        wire.shared
+            .activity
+            .waiting_on_client
+            .store(read.is_pending(), Ordering::Relaxed);
+        let read = ready!(read);
         let finished = match &read {
             None => true,
             Some(Ok(_)) => matches!(wire.framing, WireFraming::Length(0) | WireFraming::Ended),
@@ -337,6 +353,10 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(wire) = &self.wire {
+            wire.shared
+                .activity
+                .waiting_on_client
+                .store(false, Ordering::Relaxed);
             let unread = match wire.framing {
                 WireFraming::Length(left) if wire.continue_left == 0 => left,
                 // Chunked, or the client still waits for 100 Continue: not drained.
@@ -978,7 +998,7 @@ where
             }
             match std::future::poll_fn(|cx| self.shared.poll_read(cx, &mut self.buf)).await {
                 Ok(0) | Err(_) => return false,
-                Ok(_) => {}
+                Ok(n) => self.shared.activity.add_read(n),
             }
         }
     }

@@ -7,7 +7,7 @@ mod h1;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -134,21 +134,25 @@ async fn until_idle<C: Future>(
 }
 
 /// What a connection's idle check looks at: request heads completed, responses done (their
-/// bodies ended or dropped), and bytes written to the client (a slow client may still be
-/// taking the last of a response). All are counted on the connection's own task, as is the
-/// check, so relaxed atomics suffice.
+/// bodies ended or dropped), bytes written to the client (a slow client may still be taking
+/// the last of a response), request body bytes read, and whether the request in progress
+/// waits on the client (for body bytes, or for room to write). All are counted on the
+/// connection's own task, as is the check, so relaxed atomics suffice.
 #[derive(Default)]
 struct Activity {
     started: AtomicU64,
     finished: AtomicU64,
     written: AtomicU64,
+    read: AtomicU64,
+    waiting_on_client: AtomicBool,
 }
 
-/// What a check saw: heads completed, bytes written.
+/// What a check saw: heads completed, bytes written, body bytes read.
 #[derive(Clone, Copy, Default, PartialEq)]
 struct Mark {
     heads: u64,
     written: u64,
+    read: u64,
 }
 
 impl Activity {
@@ -156,14 +160,26 @@ impl Activity {
         Mark {
             heads: self.started.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
+            read: self.read.load(Ordering::Relaxed),
         }
     }
 
-    /// No response is in progress, and no head completed and nothing was written since
-    /// `last`.
+    /// Nothing moved since `last` (no head completed, no byte written, no body byte read),
+    /// and no request is in progress or the one in progress waits on the client: a stalled
+    /// upload or a client that stopped reading its response. A request waiting on its
+    /// upstream is never idle (upstream timeouts govern that).
     fn idle_since(&self, last: Mark) -> bool {
         let now = self.mark();
-        now.heads == self.finished.load(Ordering::Relaxed) && now == last
+        now == last
+            && (now.heads == self.finished.load(Ordering::Relaxed)
+                || self.waiting_on_client.load(Ordering::Relaxed))
+    }
+
+    fn add_read(&self, n: usize) {
+        self.read.store(
+            self.read.load(Ordering::Relaxed) + n as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -176,7 +192,7 @@ pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> 
 mod tests {
     use super::*;
     use http_body::{Frame, SizeHint};
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use std::pin::Pin;
     use std::task::Context;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -237,7 +253,8 @@ mod tests {
     }
 
     /// A listener with a short idle timeout: `/drip` streams 10 chunks over 600 ms (four
-    /// idle periods), anything else answers `ok`.
+    /// idle periods), `/upload` reads the body whole and answers its length, `/think`
+    /// answers after 600 ms, `/big` answers 32 MiB, anything else answers `ok`.
     async fn serve() -> (SocketAddr, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -247,14 +264,23 @@ mod tests {
             Duration::from_secs(1),
             IDLE,
             stop_rx,
-            |req| async move {
-                let body = if req.uri().path() == "/drip" {
-                    TestBody::Drip(Drip {
+            |req: http::Request<h1::RequestBody>| async move {
+                let full = |b: Bytes| TestBody::Full(Full::new(b));
+                let body = match req.uri().path() {
+                    "/drip" => TestBody::Drip(Drip {
                         left: 10,
                         sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-                    })
-                } else {
-                    TestBody::Full(Full::new(Bytes::from_static(b"ok")))
+                    }),
+                    "/upload" => match req.into_body().collect().await {
+                        Ok(b) => full(Bytes::from(format!("got {}", b.to_bytes().len()))),
+                        Err(e) => full(Bytes::from(format!("body error: {e}"))),
+                    },
+                    "/think" => {
+                        tokio::time::sleep(4 * IDLE).await;
+                        full(Bytes::from_static(b"thought"))
+                    }
+                    "/big" => full(Bytes::from(vec![b'x'; 32 << 20])),
+                    _ => full(Bytes::from_static(b"ok")),
                 };
                 http::Response::new(body)
             },
@@ -436,6 +462,80 @@ mod tests {
             assert!(n > 0, "closed after {got} of the response's {SIZE}+ bytes");
             got += n;
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_upload_is_cut_off_but_a_slow_one_is_not() {
+        let (addr, _stop) = serve().await;
+        // Slow but moving: a byte every 50 ms for 12 periods' worth.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST /upload HTTP/1.1\r\ncontent-length: 36\r\n\r\n")
+            .await
+            .unwrap();
+        for _ in 0..36 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.write_all(b"x").await.unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"got 36") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Stalled: part of the body, then nothing.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST /upload HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        assert!(
+            closed_within(&mut conn, Duration::from_secs(3)).await,
+            "still open"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_response_is_cut_off() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
+        // Nothing read: the server fills the socket buffers and waits on the client.
+        tokio::time::sleep(IDLE * 6).await;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => total += n,
+                Err(_) => panic!("still open after {total} bytes"),
+            }
+        }
+        assert!(total < 32 << 20, "the whole response came");
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_on_its_upstream_is_not_idle() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // Four idle periods without a byte either way, the body (none) all read.
+        get(&mut conn, "/think", b"thought").await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST /think HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"thought") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed while the handler ran");
+            got.extend_from_slice(&buf[..n]);
         }
     }
 }
