@@ -109,16 +109,12 @@ impl Shared {
                 }
             }
             if n == 0 {
-                self.activity
-                    .waiting_on_client
-                    .store(false, Ordering::Relaxed);
+                self.activity.set_waiting(false);
                 return Poll::Ready(Ok(()));
             }
             if self.stream.poll_write_ready(cx)?.is_pending() {
                 // The client is not reading: the idle check may end the connection.
-                self.activity
-                    .waiting_on_client
-                    .store(true, Ordering::Relaxed);
+                self.activity.set_waiting(true);
                 return Poll::Pending;
             }
             let mut written = match self.stream.try_write_vectored(&slices[..n]) {
@@ -145,7 +141,9 @@ impl Shared {
 #[error("{0}")]
 pub struct BodyError(String);
 
-/// A request body, read from the client's connection as the handler polls it.
+/// A request body, read from the client's connection as the handler polls it. A poll that
+/// finds no bytes marks the connection as waiting on the client (the idle check cuts a wait
+/// of a whole period), so a handler that stops polling it must drop it, not hold it.
 pub struct RequestBody {
     /// Body bytes that arrived with the head.
     first: Option<Bytes>,
@@ -313,10 +311,7 @@ impl Body for RequestBody {
             WireFraming::Ended => Poll::Ready(None),
         };
         // Waiting for body bytes the client has not sent: the idle check may end it.
-        wire.shared
-            .activity
-            .waiting_on_client
-            .store(read.is_pending(), Ordering::Relaxed);
+        wire.shared.activity.set_waiting(read.is_pending());
         let read = ready!(read);
         let finished = match &read {
             None => true,
@@ -353,10 +348,7 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(wire) = &self.wire {
-            wire.shared
-                .activity
-                .waiting_on_client
-                .store(false, Ordering::Relaxed);
+            wire.shared.activity.set_waiting(false);
             let unread = match wire.framing {
                 WireFraming::Length(left) if wire.continue_left == 0 => left,
                 // Chunked, or the client still waits for 100 Continue: not drained.
@@ -998,7 +990,7 @@ where
             }
             match std::future::poll_fn(|cx| self.shared.poll_read(cx, &mut self.buf)).await {
                 Ok(0) | Err(_) => return false,
-                Ok(n) => self.shared.activity.add_read(n),
+                Ok(_) => {}
             }
         }
     }

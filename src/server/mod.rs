@@ -145,6 +145,9 @@ struct Activity {
     written: AtomicU64,
     read: AtomicU64,
     waiting_on_client: AtomicBool,
+    /// Waits on the client begun (the flag set from false): a wait's start counts as
+    /// movement, so a check cuts only a wait that spans a whole period.
+    waits: AtomicU64,
 }
 
 /// What a check saw: heads completed, bytes written, body bytes read.
@@ -153,6 +156,7 @@ struct Mark {
     heads: u64,
     written: u64,
     read: u64,
+    waits: u64,
 }
 
 impl Activity {
@@ -161,6 +165,7 @@ impl Activity {
             heads: self.started.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
             read: self.read.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
         }
     }
 
@@ -173,6 +178,14 @@ impl Activity {
         now == last
             && (now.heads == self.finished.load(Ordering::Relaxed)
                 || self.waiting_on_client.load(Ordering::Relaxed))
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        if waiting && !self.waiting_on_client.load(Ordering::Relaxed) {
+            self.waits
+                .store(self.waits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        self.waiting_on_client.store(waiting, Ordering::Relaxed);
     }
 
     fn add_read(&self, n: usize) {
@@ -537,5 +550,91 @@ mod tests {
             assert!(n > 0, "closed while the handler ran");
             got.extend_from_slice(&buf[..n]);
         }
+    }
+
+    /// `/slow-read`: takes the body's first frame, thinks for 2.5 idle periods (as a handler
+    /// waiting on its upstream would), then reads the rest and answers its length.
+    async fn serve_slow_reader() -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        spawn_listener(
+            listener,
+            Duration::from_secs(1),
+            IDLE,
+            stop_rx,
+            |req: http::Request<h1::RequestBody>| async move {
+                let mut body = req.into_body();
+                let mut n = match body.frame().await {
+                    Some(Ok(f)) => f.into_data().map_or(0, |d| d.len()),
+                    _ => 0,
+                };
+                tokio::time::sleep(IDLE * 5 / 2).await;
+                let text = match body.collect().await {
+                    Ok(b) => {
+                        n += b.to_bytes().len();
+                        format!("got {n}")
+                    }
+                    Err(e) => format!("body error: {e}"),
+                };
+                http::Response::new(Full::new(Bytes::from(text)))
+            },
+        );
+        (addr, stop)
+    }
+
+    /// The handler spends 2.5 periods on its own work, then waits on the client for one
+    /// period: the check at 3.0 sees nothing moved since 2.0 and the client waited on, but
+    /// the wait began after 2.0, so it is not a whole period yet.
+    #[tokio::test]
+    async fn a_wait_on_the_client_is_timed_from_its_start() {
+        let (addr, _stop) = serve_slow_reader().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST /slow-read HTTP/1.1\r\ncontent-length: 6\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(IDLE * 7 / 2).await;
+        let _ = conn.write_all(b"def").await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"got 6") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_or(0);
+            assert!(n > 0, "cut off: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// A body the handler left unread is discarded after the response; its bytes are no
+    /// progress (the response is done), so a client trickling it (the proxy answers 401
+    /// without reading the body: no key needed) is closed after one to two periods.
+    #[tokio::test]
+    async fn a_trickled_discard_is_cut_off() {
+        let (addr, _stop) = serve().await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST / HTTP/1.1\r\ncontent-length: 100000\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Ten periods of one byte every third of a period.
+        for _ in 0..30 {
+            if conn.write_all(b"x").await.is_err() {
+                return; // closed
+            }
+            match tokio::time::timeout(IDLE / 3, conn.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return, // closed
+                Ok(Ok(n)) => panic!("unexpected bytes: {n}"),
+                Err(_) => {}
+            }
+        }
+        panic!("a client trickling the unread body kept its connection for ten periods");
     }
 }
