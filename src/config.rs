@@ -301,6 +301,8 @@ struct RawUpstream {
     connect_timeout_ms: Option<u64>,
     /// Time to response headers, milliseconds. Default 600 000.
     timeout_ms: Option<u64>,
+    /// Longest wait for more of a response body, milliseconds. Default 600 000.
+    read_timeout_ms: Option<u64>,
     /// Idle pooled connections per host. Default 1 024.
     pool_max_idle_per_host: Option<usize>,
     /// Serves models no route names, for its dialect. At most one per dialect.
@@ -455,6 +457,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// A response body with no new bytes for this long (checked every this long, so after
+    /// one to two of these) ends with an error.
+    pub read_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub default: bool,
 }
@@ -718,8 +723,12 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         }
         let timeout_ms = u.timeout_ms.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_MS);
         let connect_timeout_ms = u.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS);
+        let read_timeout_ms = u.read_timeout_ms.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_MS);
         if timeout_ms == 0 {
             problems.push(format!("{at}.timeout_ms: must be positive"));
+        }
+        if read_timeout_ms == 0 {
+            problems.push(format!("{at}.read_timeout_ms: must be positive"));
         }
         if connect_timeout_ms == 0 {
             problems.push(format!("{at}.connect_timeout_ms: must be positive"));
@@ -741,6 +750,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             ca_file: u.ca_file,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             timeout: Duration::from_millis(timeout_ms),
+            read_timeout: Duration::from_millis(read_timeout_ms),
             pool_max_idle_per_host: u
                 .pool_max_idle_per_host
                 .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
@@ -1319,6 +1329,7 @@ mod tests {
             dialect = "grpc"
             base_url = "ftp://x"
             api_key_env = "MISSING"
+            read_timeout_ms = 0
             [[routes]]
             model = "m"
             upstream = "b"
@@ -1335,6 +1346,7 @@ mod tests {
             "upstreams[0].dialect",
             "upstreams[0].base_url",
             "upstreams[0].api_key_env: environment variable `MISSING` is not set",
+            "upstreams[0].read_timeout_ms: must be positive",
             "routes[0].upstream: no upstream is named `b`",
             "keys[0].id",
             "keys[0].sha256",
@@ -1342,7 +1354,7 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
-        assert_eq!(err.problems.len(), 9, "{text}");
+        assert_eq!(err.problems.len(), 10, "{text}");
     }
 
     #[test]

@@ -1263,3 +1263,147 @@ async fn a_response_over_the_metered_size_is_forwarded_whole_and_estimated() {
     assert!(r.estimated, "usage read from a body over the limit");
     assert_eq!(r.outcome, Outcome::Completed);
 }
+
+/// An upstream that answers one chat stream, an event every `gap`, then holds the
+/// connection open without a byte for `stall` (or ends the stream when `stall` is zero).
+async fn drip_upstream(
+    events: Vec<String>,
+    gap: std::time::Duration,
+    stall: std::time::Duration,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The request head and its (small) body: enough to answer.
+        while !String::from_utf8_lossy(&request).contains("\"messages\"") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            request.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        conn.write_all(head.as_bytes()).await.unwrap();
+        for e in &events {
+            if conn
+                .write_all(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(gap).await;
+        }
+        if stall.is_zero() {
+            let _ = conn.write_all(b"0\r\n\r\n").await;
+        } else {
+            tokio::time::sleep(stall).await;
+        }
+        let _ = conn.read(&mut buf).await;
+    });
+    addr
+}
+
+fn word_event(i: usize) -> String {
+    format!(
+        "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}]}}\n\n"
+    )
+}
+
+/// A gateway whose upstreams give up on a body after `read_timeout_ms` without bytes.
+async fn gateway_with_read_timeout(
+    upstream: std::net::SocketAddr,
+    read_timeout_ms: u64,
+) -> (
+    tollgate::RunningGateway,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("usage.jsonl");
+    let text = config_text(upstream, &journal, "", "").replace(
+        "timeout_ms = 1500",
+        &format!("timeout_ms = 1500\nread_timeout_ms = {read_timeout_ms}"),
+    );
+    let config = tollgate::config::Config::parse(&text, &test_env()).unwrap();
+    let gateway = tollgate::GatewayBuilder::new(config).start().await.unwrap();
+    (gateway, journal, dir)
+}
+
+/// An upstream stream that stops sending (connection open, no bytes) ends, after the
+/// upstream's `read_timeout_ms`, with an OpenAI-shaped error event; the call is recorded as a
+/// stream error with the delivered text estimated.
+#[tokio::test]
+async fn a_stream_the_upstream_stops_sending_ends_with_an_error_event() {
+    let events: Vec<String> = (0..3).map(word_event).collect();
+    let upstream = drip_upstream(
+        events.clone(),
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    let (gateway, journal, _dir) = gateway_with_read_timeout(upstream, 200).await;
+    let body = json!({"model": "gpt-4o", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let started = std::time::Instant::now();
+    let (mut reader, head) = raw_chat(gateway.addr(), &body).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = String::new();
+    while let Some(chunk) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_chunk(&mut reader))
+            .await
+            .expect("the stream was not ended")
+    {
+        got.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let waited = started.elapsed();
+    assert!(got.starts_with(&events.concat()), "{got}");
+    let last = got.trim_end().rsplit("\n\n").next().unwrap();
+    let error: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no bytes from the upstream"), "{message}");
+    assert!(
+        waited >= std::time::Duration::from_millis(200)
+            && waited < std::time::Duration::from_secs(3),
+        "ended after {waited:?}"
+    );
+    let r = only_record(&gateway, &journal).await;
+    assert_eq!(r.outcome, Outcome::StreamError);
+    assert!(r.estimated && r.streamed);
+    assert_eq!(r.usage.output_tokens, tiktoken("gpt-4o", "w0 w1 w2 "));
+}
+
+/// A stream whose events come slowly (eight, 100 ms apart) but each within the read timeout
+/// is not cut: only a whole timeout without bytes is.
+#[tokio::test]
+async fn a_slow_stream_within_the_read_timeout_is_not_cut() {
+    let mut events: Vec<String> = (0..8).map(word_event).collect();
+    events.push("data: [DONE]\n\n".into());
+    let upstream = drip_upstream(
+        events.clone(),
+        std::time::Duration::from_millis(100),
+        std::time::Duration::ZERO,
+    )
+    .await;
+    let (gateway, journal, _dir) = gateway_with_read_timeout(upstream, 300).await;
+    let body = json!({"model": "gpt-4o", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let (mut reader, head) = raw_chat(gateway.addr(), &body).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = String::new();
+    while let Some(chunk) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_chunk(&mut reader))
+            .await
+            .expect("the stream stalled")
+    {
+        got.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert_eq!(got, events.concat());
+    let r = only_record(&gateway, &journal).await;
+    assert_eq!(r.outcome, Outcome::Completed);
+}

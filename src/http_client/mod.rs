@@ -166,6 +166,9 @@ pub enum UpstreamError {
     /// From the HTTP/2 connection.
     #[error(transparent)]
     Http2(#[from] hyper::Error),
+    /// The response body stopped: no bytes for this long (`read_timeout_ms`).
+    #[error("no bytes from the upstream for {} s", .0.as_secs())]
+    Stalled(std::time::Duration),
 }
 
 impl OriginPool {

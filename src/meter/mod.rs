@@ -26,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::alert::{AlertEvent, AlertKind, Alerter};
 use crate::balance::{AccountPolicy, AccountState, Crossing, Reservation};
 use crate::config::Dialect;
+use crate::http_client::UpstreamError;
 use crate::ledger::{Dimensions, GrantEntry, GrantSource, Ledger, Outcome, UsageRecord};
 use crate::metrics::Metrics;
 use crate::pricing::{ModelPrice, from_nanos};
@@ -809,6 +810,15 @@ pub struct MeteredBody<B: Body> {
     /// Yields in a row since data last arrived.
     idle_yields: u8,
     ended: bool,
+    /// The upstream's `read_timeout`: a body with no new frame for this long (checked every
+    /// this long, so after one to two of these) ends with [`UpstreamError::Stalled`].
+    read_timeout: Option<std::time::Duration>,
+    /// Armed the first time the body waits for the upstream, and then re-armed only when it
+    /// fires (a timer reset per frame would cost more than the rest of a stream's timing).
+    stall_check: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Frames taken from the upstream: so far, and when the check was last armed.
+    frames: u64,
+    frames_at_check: u64,
 }
 
 impl<B: Body> MeteredBody<B> {
@@ -823,14 +833,48 @@ impl<B: Body> MeteredBody<B> {
             coalescing: None,
             idle_yields: 0,
             ended: false,
+            read_timeout: None,
+            stall_check: None,
+            frames: 0,
+            frames_at_check: 0,
         }
+    }
+
+    /// Ends the body with an error when the upstream sends nothing for `timeout`.
+    pub fn with_read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.read_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the upstream sent no frame for a whole `read_timeout` (arming the check on the
+    /// first wait, re-arming it when it fires after progress).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.read_timeout else {
+            return false;
+        };
+        let check = match &mut self.stall_check {
+            Some(check) => check,
+            None => {
+                self.frames_at_check = self.frames;
+                self.stall_check
+                    .insert(Box::pin(tokio::time::sleep(timeout)))
+            }
+        };
+        while check.as_mut().poll(cx).is_ready() {
+            if self.frames == self.frames_at_check {
+                return true;
+            }
+            self.frames_at_check = self.frames;
+            check.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        false
     }
 }
 
 impl<B> Body for MeteredBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display + Unpin,
+    B::Error: std::fmt::Display + Unpin + From<UpstreamError>,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -874,20 +918,27 @@ where
                     if got_data {
                         this.idle_yields = 0;
                     }
-                    return match acc {
+                    match acc {
                         Some(acc) if this.idle_yields < COALESCE_YIELDS => {
                             this.idle_yields += 1;
                             this.coalescing = Some(acc);
                             // tokio's yield defers the wake-up until after the I/O poll (a
                             // plain self-wake would run again before it, to find nothing new).
                             let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-                            Poll::Pending
+                            return Poll::Pending;
                         }
-                        Some(acc) => Poll::Ready(Some(Ok(Frame::data(acc.freeze())))),
-                        None => Poll::Pending,
-                    };
+                        Some(acc) => return Poll::Ready(Some(Ok(Frame::data(acc.freeze())))),
+                        None if this.stalled(cx) => {
+                            let timeout = this.read_timeout.unwrap_or_default();
+                            Some(Err(B::Error::from(UpstreamError::Stalled(timeout))))
+                        }
+                        None => return Poll::Pending,
+                    }
                 }
-                Poll::Ready(polled) => polled,
+                Poll::Ready(polled) => {
+                    this.frames += 1;
+                    polled
+                }
             };
             match polled {
                 Some(Ok(frame)) => match frame.into_data() {
