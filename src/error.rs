@@ -18,6 +18,8 @@ pub enum GatewayError {
     DisabledKey,
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
     #[error("request body must include a string `model`")]
     MissingModel,
     #[error("`model` is {len} bytes long; at most {max} are accepted")]
@@ -60,6 +62,7 @@ impl GatewayError {
                 (StatusCode::UNAUTHORIZED, ErrorKind::Authentication)
             }
             GatewayError::MalformedJson(_)
+            | GatewayError::NotAnObject
             | GatewayError::MissingModel
             | GatewayError::ModelTooLong { .. }
             | GatewayError::BodyRead(_) => (StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest),

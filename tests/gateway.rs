@@ -548,6 +548,23 @@ async fn malformed_and_oversized_bodies_get_dialect_errors() {
             .unwrap()
             .contains("not valid JSON")
     );
+    // Valid JSON, but not an object: said so, not as a type error deep in the probe.
+    for body in ["[1]", "\"gpt-4o\"", " 42"] {
+        let resp = h
+            .http
+            .post(format!("{}/v1/chat/completions", h.base))
+            .bearer_auth(ALICE)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(
+            v["error"]["message"], "request body must be a JSON object",
+            "{body}: {v}"
+        );
+    }
 
     let resp = h
         .http

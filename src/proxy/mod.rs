@@ -188,8 +188,14 @@ impl Gateway {
         let facts = if endpoint == Endpoint::Other {
             RequestFacts::parse(&body).unwrap_or_default()
         } else {
-            let facts = RequestFacts::parse(&body)
-                .map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+            let facts = RequestFacts::parse(&body).map_err(|e| {
+                // Valid JSON of another kind (an array, a string): say what is wanted.
+                if e.is_data() && body.trim_ascii_start().first() != Some(&b'{') {
+                    GatewayError::NotAnObject
+                } else {
+                    GatewayError::MalformedJson(e.to_string())
+                }
+            })?;
             if facts.model.is_none() {
                 return Err(GatewayError::MissingModel);
             }
@@ -671,6 +677,7 @@ fn refusal_reason(e: &GatewayError) -> Option<RefusalReason> {
         }
         GatewayError::RateLimited { .. } => Some(RefusalReason::RateLimit),
         GatewayError::MalformedJson(_)
+        | GatewayError::NotAnObject
         | GatewayError::MissingModel
         | GatewayError::ModelTooLong { .. }
         | GatewayError::BodyTooLarge { .. }

@@ -32,7 +32,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::Activity;
+use crate::config::Dialect;
 use crate::http_client::{ChunkState, UpstreamError};
+use crate::provider::{Endpoint, ErrorKind};
 
 /// Spare room kept in the read buffer before each read.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -506,15 +508,23 @@ where
                 Ok(None) => return Ok(()),
                 Err(refused) => {
                     self.started();
-                    self.refuse(refused).await;
+                    self.refuse(refused, None).await;
                     return Ok(());
                 }
             };
             self.started();
+            // A request refused here is answered in its path's dialect (when it has one).
+            let (at, len) = (head.target.0 as usize, head.target.1 as usize);
+            let dialect = std::str::from_utf8(&self.buf[at..at + len])
+                .ok()
+                .and_then(|target| {
+                    let path = target.split('?').next().unwrap_or(target);
+                    Endpoint::classify(&head.method, path).dialect()
+                });
             let (request, exchange) = match self.take_request(head) {
                 Ok(r) => r,
                 Err(refused) => {
-                    self.refuse(refused).await;
+                    self.refuse(refused, dialect).await;
                     return Ok(());
                 }
             };
@@ -1024,8 +1034,8 @@ where
     }
 
     /// Answers a request refused before it reached the handler, and ends the connection.
-    async fn refuse(&mut self, refused: Refused) {
-        let body = refusal_body(&refused.message);
+    async fn refuse(&mut self, refused: Refused, dialect: Option<Dialect>) {
+        let body = refusal_body(&refused.message, dialect);
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -1121,10 +1131,13 @@ fn chunk_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
     &buf[at..]
 }
 
-/// The JSON body of a request refused by the connection (before any route is known): shaped
-/// so that both OpenAI's (`error.message`) and Anthropic's (`type: error`, `error.type`)
-/// clients read it.
-fn refusal_body(message: &str) -> Vec<u8> {
+/// The JSON body of a request refused by the connection: in the dialect of its path when it
+/// names a provider endpoint, else shaped so that both OpenAI's (`error.message`) and
+/// Anthropic's (`type: error`, `error.type`) clients read it.
+fn refusal_body(message: &str, dialect: Option<Dialect>) -> Vec<u8> {
+    if let Some(dialect) = dialect {
+        return crate::provider::error_body(dialect, ErrorKind::InvalidRequest, message).to_vec();
+    }
     serde_json::to_vec(&serde_json::json!({
         "type": "error",
         "error": {"type": "invalid_request_error", "message": message},
@@ -1877,5 +1890,36 @@ mod tests {
             FLOOD_FRAMES * 16 * 1024,
             "response cut short"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_to_a_provider_path_is_answered_in_its_dialect() {
+        let s = server().await;
+        let smuggle = |path: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            )
+        };
+        let (reply, _) = one_shot(&s, smuggle("/v1/chat/completions?x=1").as_bytes()).await;
+        assert_eq!(reply.status, 400);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert!(body.get("type").is_none(), "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(
+            body["error"].get("param").is_some(),
+            "OpenAI's shape: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("smuggling")
+        );
+
+        let (reply, _) = one_shot(&s, smuggle("/v1/messages").as_bytes()).await;
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["type"], "error", "Anthropic's shape: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(body["error"].get("param").is_none(), "{body}");
     }
 }
