@@ -840,10 +840,10 @@ impl<B: Body> MeteredBody<B> {
         }
     }
 
-    /// Ends the body with an error when the upstream sends nothing for `timeout`.
-    pub fn with_read_timeout(mut self, timeout: std::time::Duration) -> Self {
+    /// Ends the body with an error when the upstream sends nothing for `timeout` (set in
+    /// place: the body is large, and is boxed before this).
+    pub fn set_read_timeout(&mut self, timeout: std::time::Duration) {
         self.read_timeout = Some(timeout);
-        self
     }
 
     /// Whether the upstream sent no frame for a whole `read_timeout` (arming the check on the

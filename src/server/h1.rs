@@ -513,17 +513,9 @@ where
                 }
             };
             self.started();
-            // A request refused here is answered in its path's dialect (when it has one).
-            let (at, len) = (head.target.0 as usize, head.target.1 as usize);
-            let dialect = std::str::from_utf8(&self.buf[at..at + len])
-                .ok()
-                .and_then(|target| {
-                    let path = target.split('?').next().unwrap_or(target);
-                    Endpoint::classify(&head.method, path).dialect()
-                });
             let (request, exchange) = match self.take_request(head) {
                 Ok(r) => r,
-                Err(refused) => {
+                Err((refused, dialect)) => {
                     self.refuse(refused, dialect).await;
                     return Ok(());
                 }
@@ -639,7 +631,10 @@ where
     }
 
     /// Builds the request whose head is buffered, taking its body's bytes.
-    fn take_request(&mut self, head: Head) -> Result<(Request<RequestBody>, Exchange), Refused> {
+    fn take_request(
+        &mut self,
+        head: Head,
+    ) -> Result<(Request<RequestBody>, Exchange), (Refused, Option<Dialect>)> {
         let Head {
             len,
             method,
@@ -650,78 +645,90 @@ where
         let data = self.buf.split().freeze();
         let slice = |at: u32, len: u32| data.slice(at as usize..(at + len) as usize);
         let uri = Uri::from_maybe_shared(slice(target.0, target.1))
-            .map_err(|e| Refused::bad(format!("malformed request target: {e}")))?;
+            .map_err(|e| (Refused::bad(format!("malformed request target: {e}")), None))?;
 
         let http10 = version == Version::HTTP_10;
-        let mut keep_alive = !http10;
-        let mut framing = None;
-        let mut chunked = false;
-        let mut expect_continue = false;
-        let mut headers = HeaderMap::with_capacity(fields.len());
-        for &(name_at, name_len, value_at, value_len) in fields {
-            let name =
-                HeaderName::from_bytes(&data[name_at as usize..(name_at + name_len) as usize])
-                    .map_err(|_| Refused::bad("malformed header name"))?;
-            // httparse admits what a header value may hold (no control bytes but tab).
-            let value = HeaderValue::from_maybe_shared(slice(value_at, value_len))
-                .map_err(|_| Refused::bad(format!("malformed value of header `{name}`")))?;
-            let bytes = value.as_bytes();
-            if name == header::CONTENT_LENGTH {
-                for part in bytes.split(|&b| b == b',') {
-                    let n = std::str::from_utf8(part.trim_ascii())
-                        .ok()
-                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| Refused::bad("malformed content-length"))?;
-                    if framing.is_some_and(|l| l != n) {
-                        return Err(Refused::bad("conflicting content-lengths"));
+        // The fields, read into a map, and what they say of framing and the connection. A
+        // request refused here is answered in the dialect of its path (worked out only then).
+        let read_fields = || -> Result<_, Refused> {
+            let mut keep_alive = !http10;
+            let mut framing = None;
+            let mut chunked = false;
+            let mut expect_continue = false;
+            let mut headers = HeaderMap::with_capacity(fields.len());
+            for &(name_at, name_len, value_at, value_len) in fields {
+                let name =
+                    HeaderName::from_bytes(&data[name_at as usize..(name_at + name_len) as usize])
+                        .map_err(|_| Refused::bad("malformed header name"))?;
+                // httparse admits what a header value may hold (no control bytes but tab).
+                let value = HeaderValue::from_maybe_shared(slice(value_at, value_len))
+                    .map_err(|_| Refused::bad(format!("malformed value of header `{name}`")))?;
+                let bytes = value.as_bytes();
+                if name == header::CONTENT_LENGTH {
+                    for part in bytes.split(|&b| b == b',') {
+                        let n = std::str::from_utf8(part.trim_ascii())
+                            .ok()
+                            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .ok_or_else(|| Refused::bad("malformed content-length"))?;
+                        if framing.is_some_and(|l| l != n) {
+                            return Err(Refused::bad("conflicting content-lengths"));
+                        }
+                        framing = Some(n);
                     }
-                    framing = Some(n);
-                }
-            } else if name == header::TRANSFER_ENCODING {
-                if http10 {
-                    return Err(Refused::bad("transfer-encoding in an HTTP/1.0 request"));
-                }
-                // Chunked must be the last coding, and nothing may follow it.
-                for coding in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    if chunked {
-                        return Err(Refused::bad("a transfer coding after chunked"));
+                } else if name == header::TRANSFER_ENCODING {
+                    if http10 {
+                        return Err(Refused::bad("transfer-encoding in an HTTP/1.0 request"));
                     }
-                    chunked = coding.eq_ignore_ascii_case(b"chunked");
-                    if !chunked {
+                    // Chunked must be the last coding, and nothing may follow it.
+                    for coding in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        if chunked {
+                            return Err(Refused::bad("a transfer coding after chunked"));
+                        }
+                        chunked = coding.eq_ignore_ascii_case(b"chunked");
+                        if !chunked {
+                            return Err(Refused {
+                                status: StatusCode::NOT_IMPLEMENTED,
+                                message: "request bodies may only be chunked, not otherwise \
+                                          transfer-coded"
+                                    .into(),
+                            });
+                        }
+                    }
+                } else if name == header::CONNECTION {
+                    for token in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            keep_alive = false;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                            keep_alive = true;
+                        }
+                    }
+                } else if name == header::EXPECT {
+                    if bytes.eq_ignore_ascii_case(b"100-continue") {
+                        expect_continue = !http10;
+                    } else {
                         return Err(Refused {
-                            status: StatusCode::NOT_IMPLEMENTED,
-                            message: "request bodies may only be chunked, not otherwise \
-                                      transfer-coded"
-                                .into(),
+                            status: StatusCode::EXPECTATION_FAILED,
+                            message: "the only expectation met is 100-continue".into(),
                         });
                     }
                 }
-            } else if name == header::CONNECTION {
-                for token in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        keep_alive = false;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                        keep_alive = true;
-                    }
-                }
-            } else if name == header::EXPECT {
-                if bytes.eq_ignore_ascii_case(b"100-continue") {
-                    expect_continue = !http10;
-                } else {
-                    return Err(Refused {
-                        status: StatusCode::EXPECTATION_FAILED,
-                        message: "the only expectation met is 100-continue".into(),
-                    });
-                }
+                headers.append(name, value);
             }
-            headers.append(name, value);
-        }
-        if chunked && framing.is_some() {
-            return Err(Refused::bad(
-                "both content-length and transfer-encoding (a request smuggling pattern)",
-            ));
-        }
+            if chunked && framing.is_some() {
+                return Err(Refused::bad(
+                    "both content-length and transfer-encoding (a request smuggling pattern)",
+                ));
+            }
+            Ok((headers, framing, chunked, keep_alive, expect_continue))
+        };
+        let (headers, framing, chunked, keep_alive, expect_continue) = match read_fields() {
+            Ok(read) => read,
+            Err(refused) => {
+                let dialect = Endpoint::classify(&method, uri.path()).dialect();
+                return Err((refused, dialect));
+            }
+        };
 
         // The body: what of it arrived with the head, and the rest on the wire.
         let rest = data.slice(len..);
