@@ -759,6 +759,33 @@ async fn credentials_never_reach_responses_or_journal() {
     assert!(!journal.contains("SECRET") && !journal.contains(ALICE));
 }
 
+/// Accepts one connection and reads one request from it (its head and `content-length` body).
+async fn accept_request(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream {
+    use tokio::io::AsyncReadExt;
+    let (mut conn, _) = listener.accept().await.unwrap();
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return conn;
+            }
+        }
+        assert!(n > 0, "request cut short");
+    }
+}
+
 /// An upstream speaking just enough HTTP/1.1 for one response on one connection: it reads
 /// the request, writes `first` (head and the start of the body) in a single write, then
 /// `rest` once `release` fires, again in one write; then it holds the connection until
@@ -773,28 +800,8 @@ async fn raw_upstream(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut conn, _) = listener.accept().await.unwrap();
-        let mut request = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = conn.read(&mut buf).await.unwrap();
-            request.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&request);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                if request.len() >= end + 4 + length {
-                    break;
-                }
-            }
-            assert!(n > 0, "request cut short");
-        }
+        let mut conn = accept_request(&listener).await;
+        let mut buf = [0u8; 64];
         conn.write_all(first.as_bytes()).await.unwrap();
         let _ = release.await;
         conn.write_all(rest.as_bytes()).await.unwrap();
@@ -1292,16 +1299,8 @@ async fn drip_upstream(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut conn, _) = listener.accept().await.unwrap();
-        let mut request = Vec::new();
-        let mut buf = [0u8; 4096];
-        // The request head and its (small) body: enough to answer.
-        while !String::from_utf8_lossy(&request).contains("\"messages\"") {
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            request.extend_from_slice(&buf[..n]);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut conn = accept_request(&listener).await;
+        let mut buf = [0u8; 64];
         let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
         conn.write_all(head.as_bytes()).await.unwrap();
         for e in &events {
@@ -1322,6 +1321,19 @@ async fn drip_upstream(
         let _ = conn.read(&mut buf).await;
     });
     addr
+}
+
+/// Reads a chunked body to its end (each chunk within 5 s); its text.
+async fn read_stream<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> String {
+    let mut got = String::new();
+    while let Some(chunk) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_chunk(reader))
+            .await
+            .expect("no chunk within 5 s")
+    {
+        got.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    got
 }
 
 fn word_event(i: usize) -> String {
@@ -1369,14 +1381,7 @@ async fn a_stream_the_upstream_stops_sending_ends_with_an_error_event() {
     let started = std::time::Instant::now();
     let (mut reader, head) = raw_chat(gateway.addr(), &body).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut got = String::new();
-    while let Some(chunk) =
-        tokio::time::timeout(std::time::Duration::from_secs(5), read_chunk(&mut reader))
-            .await
-            .expect("the stream was not ended")
-    {
-        got.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    let got = read_stream(&mut reader).await;
     let waited = started.elapsed();
     assert!(got.starts_with(&events.concat()), "{got}");
     let last = got.trim_end().rsplit("\n\n").next().unwrap();
@@ -1412,14 +1417,7 @@ async fn a_slow_stream_within_the_read_timeout_is_not_cut() {
     .to_string();
     let (mut reader, head) = raw_chat(gateway.addr(), &body).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut got = String::new();
-    while let Some(chunk) =
-        tokio::time::timeout(std::time::Duration::from_secs(5), read_chunk(&mut reader))
-            .await
-            .expect("the stream stalled")
-    {
-        got.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    let got = read_stream(&mut reader).await;
     assert_eq!(got, events.concat());
     let r = only_record(&gateway, &journal).await;
     assert_eq!(r.outcome, Outcome::Completed);

@@ -266,8 +266,10 @@ mod tests {
     }
 
     /// A listener with a short idle timeout: `/drip` streams 10 chunks over 600 ms (four
-    /// idle periods), `/upload` reads the body whole and answers its length, `/think`
-    /// answers after 600 ms, `/big` answers 32 MiB, anything else answers `ok`.
+    /// idle periods), `/upload` reads the body whole and answers its length, `/slow-read`
+    /// takes the body's first frame, thinks for 2.5 periods (as a handler waiting on its
+    /// upstream would), then reads the rest and answers its length, `/think` answers after
+    /// 600 ms, `/big` answers 32 MiB, anything else answers `ok`.
     async fn serve() -> (SocketAddr, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -288,6 +290,18 @@ mod tests {
                         Ok(b) => full(Bytes::from(format!("got {}", b.to_bytes().len()))),
                         Err(e) => full(Bytes::from(format!("body error: {e}"))),
                     },
+                    "/slow-read" => {
+                        let mut body = req.into_body();
+                        let first = match body.frame().await {
+                            Some(Ok(f)) => f.into_data().map_or(0, |d| d.len()),
+                            _ => 0,
+                        };
+                        tokio::time::sleep(IDLE * 5 / 2).await;
+                        full(Bytes::from(match body.collect().await {
+                            Ok(b) => format!("got {}", first + b.to_bytes().len()),
+                            Err(e) => format!("body error: {e}"),
+                        }))
+                    }
                     "/think" => {
                         tokio::time::sleep(4 * IDLE).await;
                         full(Bytes::from_static(b"thought"))
@@ -305,6 +319,11 @@ mod tests {
     async fn get(conn: &mut TcpStream, path: &str, end: &[u8]) -> Vec<u8> {
         let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
         conn.write_all(req.as_bytes()).await.unwrap();
+        read_until(conn, end).await
+    }
+
+    /// Reads from `conn` until what came ends with `end` (failing if it closes first).
+    async fn read_until(conn: &mut TcpStream, end: &[u8]) -> Vec<u8> {
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         while !got.ends_with(end) {
@@ -490,16 +509,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             conn.write_all(b"x").await.unwrap();
         }
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.ends_with(b"got 36") {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut conn, b"got 36").await;
         // Stalled: part of the body, then nothing.
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"POST /upload HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc")
@@ -540,47 +550,7 @@ mod tests {
         conn.write_all(b"POST /think HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi")
             .await
             .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.ends_with(b"thought") {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed while the handler ran");
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    /// `/slow-read`: takes the body's first frame, thinks for 2.5 idle periods (as a handler
-    /// waiting on its upstream would), then reads the rest and answers its length.
-    async fn serve_slow_reader() -> (SocketAddr, watch::Sender<bool>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        spawn_listener(
-            listener,
-            Duration::from_secs(1),
-            IDLE,
-            stop_rx,
-            |req: http::Request<h1::RequestBody>| async move {
-                let mut body = req.into_body();
-                let mut n = match body.frame().await {
-                    Some(Ok(f)) => f.into_data().map_or(0, |d| d.len()),
-                    _ => 0,
-                };
-                tokio::time::sleep(IDLE * 5 / 2).await;
-                let text = match body.collect().await {
-                    Ok(b) => {
-                        n += b.to_bytes().len();
-                        format!("got {n}")
-                    }
-                    Err(e) => format!("body error: {e}"),
-                };
-                http::Response::new(Full::new(Bytes::from(text)))
-            },
-        );
-        (addr, stop)
+        read_until(&mut conn, b"thought").await;
     }
 
     /// The handler spends 2.5 periods on its own work, then waits on the client for one
@@ -588,23 +558,14 @@ mod tests {
     /// the wait began after 2.0, so it is not a whole period yet.
     #[tokio::test]
     async fn a_wait_on_the_client_is_timed_from_its_start() {
-        let (addr, _stop) = serve_slow_reader().await;
+        let (addr, _stop) = serve().await;
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"POST /slow-read HTTP/1.1\r\ncontent-length: 6\r\n\r\nabc")
             .await
             .unwrap();
         tokio::time::sleep(IDLE * 7 / 2).await;
         let _ = conn.write_all(b"def").await;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.ends_with(b"got 6") {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap_or(0);
-            assert!(n > 0, "cut off: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut conn, b"got 6").await;
     }
 
     /// A body the handler left unread is discarded after the response; its bytes are no
@@ -617,13 +578,8 @@ mod tests {
         conn.write_all(b"POST / HTTP/1.1\r\ncontent-length: 100000\r\n\r\n")
             .await
             .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.ends_with(b"ok") {
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut conn, b"ok").await;
+        let mut buf = [0u8; 64];
         // Ten periods of one byte every third of a period.
         for _ in 0..30 {
             if conn.write_all(b"x").await.is_err() {
