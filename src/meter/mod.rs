@@ -812,7 +812,7 @@ pub struct MeteredBody<B: Body> {
     ended: bool,
     /// The upstream's `read_timeout`: a body with no new frame for this long (checked every
     /// this long, so after one to two of these) ends with [`UpstreamError::Stalled`].
-    read_timeout: Option<std::time::Duration>,
+    read_timeout: std::time::Duration,
     /// Armed the first time the body waits for the upstream, and then re-armed only when it
     /// fires (a timer reset per frame would cost more than the rest of a stream's timing).
     stall_check: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -822,7 +822,7 @@ pub struct MeteredBody<B: Body> {
 }
 
 impl<B: Body> MeteredBody<B> {
-    pub fn new(inner: B, meter: Meter) -> Self {
+    pub fn new(inner: B, meter: Meter, read_timeout: std::time::Duration) -> Self {
         Self {
             inner,
             meter,
@@ -833,25 +833,17 @@ impl<B: Body> MeteredBody<B> {
             coalescing: None,
             idle_yields: 0,
             ended: false,
-            read_timeout: None,
+            read_timeout,
             stall_check: None,
             frames: 0,
             frames_at_check: 0,
         }
     }
 
-    /// Ends the body with an error when the upstream sends nothing for `timeout` (set in
-    /// place: the body is large, and is boxed before this).
-    pub fn set_read_timeout(&mut self, timeout: std::time::Duration) {
-        self.read_timeout = Some(timeout);
-    }
-
     /// Whether the upstream sent no frame for a whole `read_timeout` (arming the check on the
     /// first wait, re-arming it when it fires after progress).
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(timeout) = self.read_timeout else {
-            return false;
-        };
+        let timeout = self.read_timeout;
         let check = match &mut self.stall_check {
             Some(check) => check,
             None => {
@@ -928,10 +920,9 @@ where
                             return Poll::Pending;
                         }
                         Some(acc) => return Poll::Ready(Some(Ok(Frame::data(acc.freeze())))),
-                        None if this.stalled(cx) => {
-                            let timeout = this.read_timeout.unwrap_or_default();
-                            Some(Err(B::Error::from(UpstreamError::Stalled(timeout))))
-                        }
+                        None if this.stalled(cx) => Some(Err(B::Error::from(
+                            UpstreamError::Stalled(this.read_timeout),
+                        ))),
                         None => return Poll::Pending,
                     }
                 }

@@ -312,8 +312,7 @@ impl Gateway {
         if let Some(id) = meter.record_id() {
             insert_record_id(&mut head.headers, id);
         }
-        let mut body = Box::new(MeteredBody::new(body, meter));
-        body.set_read_timeout(upstream.config.read_timeout);
+        let mut body = Box::new(MeteredBody::new(body, meter, upstream.config.read_timeout));
         // A response that is not an event stream usually arrives whole with its head, and
         // its last bytes wait for the usage record's journal write. Reading the first frame
         // before handing the head to the server keeps head and body in one write to the

@@ -45,9 +45,6 @@ const MAX_HEADERS: usize = 100;
 /// Bytes of a request body left unread by the handler that are read and discarded to keep
 /// the connection; past this, the connection closes after the response.
 pub(crate) const MAX_DRAIN_BYTES: u64 = 1024 * 1024;
-/// Undecoded bytes of a chunked request body held at most (a chunk-size or trailer line
-/// longer than this is refused).
-const MAX_CHUNK_LINE_BYTES: usize = 64 * 1024;
 /// Response body frames up to this size are copied behind the head or the previous frame,
 /// so that what is ready leaves in one write; larger ones are written from where they are.
 const COPY_FRAME_BYTES: usize = 16 * 1024;
@@ -258,12 +255,8 @@ impl RequestBody {
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(out.freeze())));
             }
-            if buf.len() > MAX_CHUNK_LINE_BYTES {
-                return Poll::Ready(Some(Err(
-                    "malformed chunked request body: a chunk-size or trailer line over 64 KiB"
-                        .into(),
-                )));
-            }
+            // Undecoded bytes stay bounded: the decoder refuses size lines over 4 KiB and
+            // trailers over 16 KiB.
             match ready!(shared.poll_read(cx, buf)) {
                 Ok(0) => {
                     return Poll::Ready(Some(Err(
@@ -387,6 +380,98 @@ struct Head {
 
 /// A header field's name and value, as offset and length in the head.
 type FieldAt = (u32, u32, u32, u32);
+
+/// What a request head's fields say, read into a map.
+struct Fields {
+    headers: HeaderMap,
+    /// `content-length`.
+    length: Option<u64>,
+    chunked: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Reads the fields found at `fields` in `data` (a frozen head: values share it), refusing
+/// framing that is ambiguous or not supported.
+#[inline(always)] // once per request, on its hot path: returning `Fields` by value costs a copy
+fn read_fields(fields: &[FieldAt], data: &Bytes, http10: bool) -> Result<Fields, Refused> {
+    let slice = |at: u32, len: u32| data.slice(at as usize..(at + len) as usize);
+    let mut keep_alive = !http10;
+    let mut framing = None;
+    let mut chunked = false;
+    let mut expect_continue = false;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for &(name_at, name_len, value_at, value_len) in fields {
+        let name = HeaderName::from_bytes(&data[name_at as usize..(name_at + name_len) as usize])
+            .map_err(|_| Refused::bad("malformed header name"))?;
+        // httparse admits what a header value may hold (no control bytes but tab).
+        let value = HeaderValue::from_maybe_shared(slice(value_at, value_len))
+            .map_err(|_| Refused::bad(format!("malformed value of header `{name}`")))?;
+        let bytes = value.as_bytes();
+        if name == header::CONTENT_LENGTH {
+            for part in bytes.split(|&b| b == b',') {
+                let n = std::str::from_utf8(part.trim_ascii())
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| Refused::bad("malformed content-length"))?;
+                if framing.is_some_and(|l| l != n) {
+                    return Err(Refused::bad("conflicting content-lengths"));
+                }
+                framing = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            if http10 {
+                return Err(Refused::bad("transfer-encoding in an HTTP/1.0 request"));
+            }
+            // Chunked must be the last coding, and nothing may follow it.
+            for coding in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if chunked {
+                    return Err(Refused::bad("a transfer coding after chunked"));
+                }
+                chunked = coding.eq_ignore_ascii_case(b"chunked");
+                if !chunked {
+                    return Err(Refused {
+                        status: StatusCode::NOT_IMPLEMENTED,
+                        message: "request bodies may only be chunked, not otherwise \
+                                  transfer-coded"
+                            .into(),
+                    });
+                }
+            }
+        } else if name == header::CONNECTION {
+            for token in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    keep_alive = true;
+                }
+            }
+        } else if name == header::EXPECT {
+            if bytes.eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = !http10;
+            } else {
+                return Err(Refused {
+                    status: StatusCode::EXPECTATION_FAILED,
+                    message: "the only expectation met is 100-continue".into(),
+                });
+            }
+        }
+        headers.append(name, value);
+    }
+    if chunked && framing.is_some() {
+        return Err(Refused::bad(
+            "both content-length and transfer-encoding (a request smuggling pattern)",
+        ));
+    }
+    Ok(Fields {
+        headers,
+        length: framing,
+        chunked,
+        keep_alive,
+        expect_continue,
+    })
+}
 
 impl Head {
     /// Parses a whole head at the start of `buf`, leaving where its fields are in `at`;
@@ -648,87 +733,16 @@ where
             .map_err(|e| (Refused::bad(format!("malformed request target: {e}")), None))?;
 
         let http10 = version == Version::HTTP_10;
-        // The fields, read into a map, and what they say of framing and the connection. A
-        // request refused here is answered in the dialect of its path (worked out only then).
-        let read_fields = || -> Result<_, Refused> {
-            let mut keep_alive = !http10;
-            let mut framing = None;
-            let mut chunked = false;
-            let mut expect_continue = false;
-            let mut headers = HeaderMap::with_capacity(fields.len());
-            for &(name_at, name_len, value_at, value_len) in fields {
-                let name =
-                    HeaderName::from_bytes(&data[name_at as usize..(name_at + name_len) as usize])
-                        .map_err(|_| Refused::bad("malformed header name"))?;
-                // httparse admits what a header value may hold (no control bytes but tab).
-                let value = HeaderValue::from_maybe_shared(slice(value_at, value_len))
-                    .map_err(|_| Refused::bad(format!("malformed value of header `{name}`")))?;
-                let bytes = value.as_bytes();
-                if name == header::CONTENT_LENGTH {
-                    for part in bytes.split(|&b| b == b',') {
-                        let n = std::str::from_utf8(part.trim_ascii())
-                            .ok()
-                            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                            .and_then(|s| s.parse::<u64>().ok())
-                            .ok_or_else(|| Refused::bad("malformed content-length"))?;
-                        if framing.is_some_and(|l| l != n) {
-                            return Err(Refused::bad("conflicting content-lengths"));
-                        }
-                        framing = Some(n);
-                    }
-                } else if name == header::TRANSFER_ENCODING {
-                    if http10 {
-                        return Err(Refused::bad("transfer-encoding in an HTTP/1.0 request"));
-                    }
-                    // Chunked must be the last coding, and nothing may follow it.
-                    for coding in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                        if chunked {
-                            return Err(Refused::bad("a transfer coding after chunked"));
-                        }
-                        chunked = coding.eq_ignore_ascii_case(b"chunked");
-                        if !chunked {
-                            return Err(Refused {
-                                status: StatusCode::NOT_IMPLEMENTED,
-                                message: "request bodies may only be chunked, not otherwise \
-                                          transfer-coded"
-                                    .into(),
-                            });
-                        }
-                    }
-                } else if name == header::CONNECTION {
-                    for token in bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                        if token.eq_ignore_ascii_case(b"close") {
-                            keep_alive = false;
-                        } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                            keep_alive = true;
-                        }
-                    }
-                } else if name == header::EXPECT {
-                    if bytes.eq_ignore_ascii_case(b"100-continue") {
-                        expect_continue = !http10;
-                    } else {
-                        return Err(Refused {
-                            status: StatusCode::EXPECTATION_FAILED,
-                            message: "the only expectation met is 100-continue".into(),
-                        });
-                    }
-                }
-                headers.append(name, value);
-            }
-            if chunked && framing.is_some() {
-                return Err(Refused::bad(
-                    "both content-length and transfer-encoding (a request smuggling pattern)",
-                ));
-            }
-            Ok((headers, framing, chunked, keep_alive, expect_continue))
-        };
-        let (headers, framing, chunked, keep_alive, expect_continue) = match read_fields() {
-            Ok(read) => read,
-            Err(refused) => {
-                let dialect = Endpoint::classify(&method, uri.path()).dialect();
-                return Err((refused, dialect));
-            }
-        };
+        // A request refused for its fields is answered in the dialect of its path (worked
+        // out only then).
+        let Fields {
+            headers,
+            length: framing,
+            chunked,
+            keep_alive,
+            expect_continue,
+        } = read_fields(fields, &data, http10)
+            .map_err(|refused| (refused, Endpoint::classify(&method, uri.path()).dialect()))?;
 
         // The body: what of it arrived with the head, and the rest on the wire.
         let rest = data.slice(len..);
